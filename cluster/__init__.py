@@ -1,0 +1,1 @@
+"""Code every node shares: GGUF inspection, stage cutting, planning, the CLI."""

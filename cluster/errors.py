@@ -1,0 +1,5 @@
+"""Errors a person can act on: the CLI prints them on one line and exits with code 2."""
+
+
+class SpecshardError(Exception):
+    """A failure caused by input or environment, explained in one sentence."""

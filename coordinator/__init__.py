@@ -1,0 +1,1 @@
+"""Runs on the Ray driver: tokenizer, draft model, the decode loop, the HTTP API."""

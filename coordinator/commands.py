@@ -1,0 +1,100 @@
+"""`specshard generate`: run the model as a pipeline and print a completion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from cluster import models
+from cluster.errors import SpecshardError
+from cluster.model_info import KvType, inspect_model
+from cluster.sampling import SamplingParams
+from cluster.stage_cut import even_split
+from coordinator.generate import Generation, Pipeline, generate_stream
+from coordinator.local_pipeline import LocalPipeline
+from coordinator.tokenizer import TextStream, Tokenizer
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("generate", help="generate a completion with a staged model")
+    p.add_argument("--model", default="demo", help="target GGUF, or 'demo' (default)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    p.add_argument("--stages", type=int, default=1, help="in-process stages (default 1)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=4096, help="context per sequence")
+    p.add_argument("--kv", choices=[t.value for t in KvType], default=KvType.F16.value)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                   help="llama.cpp threads per stage")
+    p.add_argument("--json", action="store_true", help="print tokens, text and stats as JSON")
+    p.set_defaults(handler=run_generate)
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise SpecshardError("need temperature ≥ 0, 0 < top-p ≤ 1, top-k ≥ 0")
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed)
+
+
+def prompt_tokens(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
+    text = prompt if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
+    return tokenizer.encode(text)
+
+
+def run_pipeline(pipeline: Pipeline, tokenizer: Tokenizer, tokens: list[int],
+                 args: argparse.Namespace, echo: bool) -> Generation:
+    stream = generate_stream(pipeline, tokens, args.max_tokens, sampling_from(args),
+                             tokenizer.is_end)
+    text = TextStream(tokenizer)
+    out, gaps = [], []
+    while True:
+        try:
+            token, gap = next(stream)
+        except StopIteration as done:
+            stats = done.value
+            break
+        out.append(token)
+        gaps.append(gap)
+        if echo and not tokenizer.is_end(token):
+            sys.stdout.write(text.push(token))
+            sys.stdout.flush()
+    finish = "stop" if out and tokenizer.is_end(out[-1]) else "length"
+    return Generation(tokens=out, stats=stats, finish_reason=finish, top2_gaps=gaps)
+
+
+def report(generation: Generation, tokenizer: Tokenizer, as_json: bool) -> None:
+    visible = [t for t in generation.tokens if not tokenizer.is_end(t)]
+    if as_json:
+        print(json.dumps({"tokens": generation.tokens, "text": tokenizer.decode(visible),
+                          "finish_reason": generation.finish_reason,
+                          "stats": generation.stats.as_dict()}))
+    else:
+        s = generation.stats
+        print(f"\n\n[{s.n_tokens} tokens, {s.tok_s:.1f} tok/s decode, "
+              f"{s.prompt_tok_s:.1f} tok/s prompt, {s.n_prompt_tokens} prompt tokens]",
+              file=sys.stderr)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model = models.resolve(args.model)
+    info = inspect_model(model)
+    tokenizer = Tokenizer(model)
+    tokens = prompt_tokens(tokenizer, args.prompt, args.raw)
+    pipeline = LocalPipeline.load(model, even_split(info.n_layer, args.stages),
+                                  n_ctx=args.ctx, n_threads=args.threads,
+                                  kv=KvType(args.kv), progress=sys.stderr.isatty())
+    try:
+        generation = run_pipeline(pipeline, tokenizer, tokens, args, echo=not args.json)
+    finally:
+        pipeline.close()
+    report(generation, tokenizer, args.json)
+    return 0
+
+

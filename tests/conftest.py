@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster import models
+from tests.tiny_gguf import write_tiny_model
+
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def specshard_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Stage caches go to a per-run folder; the demo models stay in the user's cache."""
+    real_home = Path(os.environ.get("SPECSHARD_HOME", Path.home() / ".cache" / "specshard"))
+    home = tmp_path_factory.mktemp("specshard_home")
+    (home / "models").symlink_to(real_home / "models", target_is_directory=True)
+    os.environ["SPECSHARD_HOME"] = str(home)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def demo_target(specshard_home: Path) -> Path:
+    path = models.demo_path(models.DEMO_TARGET)
+    if not path.exists():
+        pytest.fail("demo target missing: run `specshard models fetch` (make test does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_draft(specshard_home: Path) -> Path:
+    path = models.demo_path(models.DEMO_DRAFT)
+    if not path.exists():
+        pytest.fail("demo draft missing: run `specshard models fetch` (make test does)")
+    return path
+
+
+@pytest.fixture()
+def tiny_model(tmp_path: Path) -> Path:
+    return write_tiny_model(tmp_path / "tiny.gguf")
+
+
+@pytest.fixture()
+def tiny_tied_model(tmp_path: Path) -> Path:
+    return write_tiny_model(tmp_path / "tiny-tied.gguf", tied=True)

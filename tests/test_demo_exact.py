@@ -1,0 +1,71 @@
+"""The stage technique on the real demo target: cutting changes nothing, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from cluster.messages import StepRequest
+from cluster.sampling import SamplingParams
+from cluster.stage_cut import split_at
+from coordinator.local_pipeline import LocalPipeline
+from coordinator.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+SPLITS = {1: [], 2: [14], 3: [9, 19]}
+GREEDY = SamplingParams()
+N_TOKENS = 32
+
+
+def greedy_run(model: Path, prompt: list[int], points: list[int]) -> tuple[np.ndarray, list[int]]:
+    pipeline = LocalPipeline.load(model, split_at(28, points), n_ctx=512, n_threads=2)
+    try:
+        logits = pipeline.logits(StepRequest(0, 0, prompt, GREEDY))[-1]
+        tokens = [int(np.argmax(logits))]
+        while len(tokens) < N_TOKENS:
+            row = pipeline.logits(StepRequest(0, len(prompt) + len(tokens) - 1,
+                                              [tokens[-1]], GREEDY))[-1]
+            tokens.append(int(np.argmax(row)))
+        return logits, tokens
+    finally:
+        pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def prompt(demo_target: Path) -> list[int]:
+    tokenizer = Tokenizer(demo_target)
+    return tokenizer.encode(tokenizer.chat_prompt(
+        [{"role": "user", "content": "Write a Python function that merges two sorted lists."}]))
+
+
+@pytest.fixture(scope="module")
+def runs(demo_target: Path, prompt: list[int]) -> dict[int, tuple[np.ndarray, list[int]]]:
+    return {n: greedy_run(demo_target, prompt, points) for n, points in SPLITS.items()}
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_staged_logits_equal_one_stage(runs, n_stages: int):
+    one, many = runs[1][0], runs[n_stages][0]
+    assert np.abs(one - many).max() == 0.0
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_staged_greedy_tokens_equal_one_stage(runs, n_stages: int):
+    assert len(runs[1][1]) == N_TOKENS
+    assert runs[n_stages][1] == runs[1][1]
+
+
+def test_one_stage_equals_llama_cpp_on_the_uncut_model(runs, demo_target: Path, prompt):
+    """Embedding lookup in Python + stage file = llama.cpp on the original file."""
+    llm = llama_cpp.Llama(str(demo_target), n_ctx=512, n_batch=512, n_threads=2,
+                          logits_all=False, verbose=False)
+    try:
+        llm.eval(prompt)
+        reference = np.array(llm.scores[len(prompt) - 1])
+    finally:
+        llm.close()
+    assert np.abs(reference - runs[1][0]).max() == 0.0
+    assert int(np.argmax(reference)) == runs[1][1][0]

@@ -1,0 +1,1 @@
+"""Runs on GPU boxes: one process per GPU, serving one pipeline stage."""
