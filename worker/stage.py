@@ -116,7 +116,8 @@ class Stage:
             llama_cpp.llama_model_free(self._model)
             raise SpecshardError("llama.cpp could not create a context for the stage")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._ctx)
+        # llama.cpp pads the context (to 256); the limit is what was asked for.
+        self.n_ctx_seq = min(c.n_ctx, llama_cpp.llama_n_ctx_seq(self._ctx))
         # llama.cpp clamps n_batch to n_ctx: chunk by what it really took.
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)

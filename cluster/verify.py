@@ -1,0 +1,57 @@
+"""Verification of draft guesses against the target's logits.
+
+Greedy: accept while the guess is the target's argmax. Sampling: accept guess d with
+probability min(1, p(d)/q(d)); on rejection draw from the residual max(0, p − q)
+normalised. The emitted tokens are then distributed exactly as the target's p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: list[int]  # the accepted prefix of the guesses
+    next_token: int  # the correction after a rejection, or the bonus token
+
+
+def residual(p: SparseDist, q: SparseDist) -> SparseDist:
+    """max(0, p − q) normalised, over p's support (q adds nothing outside it)."""
+    q_on_p = np.array([q.prob(int(t)) for t in p.ids])
+    rest = np.maximum(p.probs - q_on_p, 0.0)
+    total = rest.sum()
+    if total <= 0:  # p == q: a rejection cannot happen, but stay well-defined
+        return p
+    return SparseDist(p.ids, rest / total)
+
+
+def verify(logits: np.ndarray, draft: Sequence[int], draft_dists: Sequence[SparseDist],
+           params: SamplingParams, rng: np.random.Generator) -> Verdict:
+    """logits[i] is the target's row after guess i (row 0: after the last real token)."""
+    if len(logits) != len(draft) + 1:
+        raise ValueError(f"{len(logits)} logit rows for {len(draft)} guesses")
+    accepted: list[int] = []
+    if params.greedy:
+        for i, guess in enumerate(draft):
+            best = int(np.argmax(logits[i]))
+            if best != guess:
+                return Verdict(accepted, best)
+            accepted.append(guess)
+        return Verdict(accepted, int(np.argmax(logits[len(draft)])))
+    if len(draft_dists) != len(draft):
+        raise ValueError(f"{len(draft_dists)} draft distributions for {len(draft)} guesses")
+    for i, guess in enumerate(draft):
+        p = filtered_probs(logits[i], params)
+        q = draft_dists[i]
+        p_d, q_d = p.prob(guess), q.prob(guess)
+        if q_d > 0 and rng.random() * q_d < p_d:  # u < p/q without dividing
+            accepted.append(guess)
+            continue
+        return Verdict(accepted, sample(residual(p, q), rng))
+    return Verdict(accepted, sample(filtered_probs(logits[len(draft)], params), rng))
