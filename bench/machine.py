@@ -1,24 +1,19 @@
-"""What machine a benchmark ran on: every number we publish says so."""
+"""The machine a benchmark ran on, recorded next to every number."""
 
 from __future__ import annotations
 
-import os
 import platform
 
 import llama_cpp
-import psutil
+
+from cluster.hardware import host_info
 
 
 def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    host = host_info()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": host.cpu, "cores": host.cpu_count,
+        "ram_gib": round(host.ram_total_bytes / 2**30, 1),
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
-        "gpu": None,
+        "gpus": [g.name for g in host.gpus], "gpu_note": host.gpu_error or None,
     }

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != name:
                 raise
             continue
-        register = getattr(module, "register", None) or getattr(module, "add_plan_parser")
+        register = getattr(module, "register", None) or module.add_plan_parser
         register(sub)
     return parser
 

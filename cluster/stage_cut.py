@@ -13,14 +13,21 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from cluster.errors import SpecshardError
-from cluster.gguf_file import DEFAULT_ALIGNMENT, GGUFHeader, OutTensor, encode_kv, \
-    read_header, write_gguf
+from cluster.gguf_file import (
+    DEFAULT_ALIGNMENT,
+    GGUFHeader,
+    OutTensor,
+    encode_kv,
+    read_header,
+    write_gguf,
+)
 from cluster.model_info import ModelInfo, model_info
 from cluster.paths import home
 
@@ -56,12 +63,12 @@ def even_split(n_layer: int, n_stages: int) -> list[StageSpec]:
     if not 1 <= n_stages <= n_layer:
         raise SpecshardError(f"cannot split {n_layer} layers into {n_stages} stages")
     bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
-    return [StageSpec(a, b, n_layer) for a, b in zip(bounds, bounds[1:])]
+    return [StageSpec(a, b, n_layer) for a, b in pairwise(bounds)]
 
 
 def split_at(n_layer: int, points: list[int]) -> list[StageSpec]:
     bounds = [0, *points, n_layer]
-    return [StageSpec(a, b, n_layer) for a, b in zip(bounds, bounds[1:])]
+    return [StageSpec(a, b, n_layer) for a, b in pairwise(bounds)]
 
 
 IDENTITY_SAMPLES = 16
@@ -150,7 +157,7 @@ def cut_stage(model: Path, begin: int, end: int, out: Path | None = None,
         disable=not progress, leave=False,
     ) as bar:
         offsets = write_gguf(dst, kv, tensors, align)
-        for tensor, offset in zip(tensors, offsets):
+        for tensor, offset in zip(tensors, offsets, strict=True):
             dst.seek(offset)
             if tensor.data is not None:
                 dst.write(tensor.data)

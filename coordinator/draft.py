@@ -9,7 +9,6 @@ target will use, which travels with the guess for the rejection rule.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 from dataclasses import dataclass
@@ -126,6 +125,7 @@ class ModelDrafter:
         # γ guesses need positions up to len(context) + γ − 2 in the draft's cache.
         gamma = min(self.gamma.next_gamma(), self.n_ctx - len(context) + 1)
         if gamma <= 0 or not context:
+            log.debug("no draft: %d context tokens, the draft holds %d", len(context), self.n_ctx)
             return Draft([], [])
         # A stream of our own: the verifier may draw from a generator seeded like `rng`.
         rng = rng.spawn(1)[0]
@@ -171,7 +171,7 @@ class ModelDrafter:
                 batch.logits[i] = lo + i == len(tokens) - 1
             status = llama_cpp.llama_decode(self._ctx, batch)
             if status != 0:
-                self.truncate(start + lo)  # drop a partly decoded chunk
+                # Drop whatever of the failed chunk reached the cache.
                 llama_cpp.llama_memory_seq_rm(self._mem, _SEQ, len(self.decoded), -1)
                 raise SpecshardError(f"draft llama_decode failed with status {status}")
             self.decoded.extend(chunk)
@@ -188,5 +188,3 @@ class ModelDrafter:
     def __del__(self) -> None:
         self.close()
 
-
-def _unused(_: ctypes.c_int) -> None: ...

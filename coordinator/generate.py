@@ -7,7 +7,7 @@ with `step(StepRequest) -> StepResult` — in-process stages or gRPC workers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,7 +81,8 @@ class Stats:
             "n_tokens": self.n_tokens, "n_prompt_tokens": self.n_prompt_tokens,
             "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 3),
             "acceptance_by_position": [round(a / p, 3) if p else 0.0
-                                       for a, p in zip(self.accepted, self.proposed)],
+                                       for a, p in zip(self.accepted, self.proposed,
+                                                       strict=True)],
             "gamma_mean": round(sum(self.proposed) / decode_steps, 3),
             "draft_ms": round(1000 * self.draft_s / decode_steps, 3),
             "verify_ms": round(1000 * self.verify_s / decode_steps, 3),
@@ -117,7 +118,8 @@ def check_fits(pipeline: Pipeline, n_prompt: int, max_tokens: int) -> None:
 
 def generate_stream(pipeline: Pipeline, prompt: list[int], max_tokens: int,
                     sampling: SamplingParams, is_end: StopCheck, seq: int = 0,
-                    drafter: Drafter | None = None) -> Iterator[tuple[int, float]]:
+                    drafter: Drafter | None = None
+                    ) -> Generator[tuple[int, float], None, Stats]:
     """Yield (token, top-2 logit gap) as they are decided; return the stats at the end."""
     check_fits(pipeline, len(prompt), max_tokens)
     seeds = _seeds(sampling)
@@ -131,13 +133,13 @@ def generate_stream(pipeline: Pipeline, prompt: list[int], max_tokens: int,
     stats.prefill_s, stats.steps = t_first - t0, 1
     pending = result
     while True:
-        for token, gap in zip(pending.tokens, pending.top2_gaps):
+        for token, gap in zip(pending.tokens, pending.top2_gaps, strict=True):
             context.append(token)
             stats.n_tokens += 1
             stats.decode_s = time.perf_counter() - t_first
             yield token, gap
             if is_end(token) or stats.n_tokens >= budget:
-                return stats  # type: ignore[misc]
+                return stats
         pending = decode_step(pipeline, context, len(context) - 1, sampling, seq,
                               next(seeds), stats, drafter, budget - stats.n_tokens)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from pathlib import Path
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -73,7 +74,7 @@ class Tokenizer:
     def chat_prompt(self, messages: list[Message]) -> str:
         if self._chat is None:
             raise SpecshardError("the model has no chat template; use --raw")
-        return str(self._chat(messages=messages).prompt)
+        return str(self._chat(messages=cast(Any, messages)).prompt)
 
     def close(self) -> None:
         if getattr(self, "_model", None):

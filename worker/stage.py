@@ -200,7 +200,7 @@ class Stage:
             raise InvalidForward(f"logit rows {rows} outside the batch of {n_tokens}")
         if start < self._lengths[seq]:  # rejected draft tokens of the previous step
             self.truncate(seq, start)
-        outputs = []
+        outputs: list[np.ndarray] = []
         for lo in range(0, n_tokens, self.n_batch):
             hi = min(lo + self.n_batch, n_tokens)
             chunk_rows = [r - lo for r in rows if lo <= r < hi]
