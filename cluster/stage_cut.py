@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -139,8 +141,13 @@ def stage_path(header: GGUFHeader, spec: StageSpec) -> Path:
 
 
 def cut_stage(model: Path, begin: int, end: int, out: Path | None = None,
-              progress: bool = False) -> Path:
-    """Write (or find cached) the stage GGUF for layers [begin, end) of `model`."""
+              progress: bool = False,
+              on_bytes: Callable[[int, int], None] | None = None) -> Path:
+    """Write (or find cached) the stage GGUF for layers [begin, end) of `model`.
+
+    `on_bytes(done, total)` reports progress to a caller that is not a terminal (a
+    worker streaming LoadStage progress).
+    """
     header = read_header(model)
     info = model_info(header)
     spec = StageSpec(begin, end, info.n_layer)
@@ -150,8 +157,8 @@ def cut_stage(model: Path, begin: int, end: int, out: Path | None = None,
     kv = _stage_metadata(header, info, spec)
     tensors = _stage_tensors(header, info, spec)
     align = int(header.values.get("general.alignment", DEFAULT_ALIGNMENT))  # type: ignore[call-overload]
-    partial = target.with_name(target.name + ".partial")
-    total = sum(t.n_bytes for t in tensors)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    total, done = sum(t.n_bytes for t in tensors), 0
     with open(partial, "wb") as dst, open(model, "rb") as src, tqdm(
         total=total, unit="B", unit_scale=True, desc=f"cut L{begin}-{end}",
         disable=not progress, leave=False,
@@ -170,6 +177,9 @@ def cut_stage(model: Path, begin: int, end: int, out: Path | None = None,
                     dst.write(chunk)
                     left -= len(chunk)
             bar.update(tensor.n_bytes)
+            done += tensor.n_bytes
+            if on_bytes:
+                on_bytes(done, total)
         dst.truncate(dst.tell() + (-dst.tell() % align))
     partial.replace(target)
     log.info("stage %d:%d of %s written to %s", begin, end, model.name, target)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.errors import InvalidForward
 from cluster.stage_cut import cut_stage
-from worker.stage import InvalidForward, Stage, StageConfig
+from worker.stage import Stage, StageConfig
 
 PROMPT = np.array([3, 17, 42, 5, 88, 61, 9, 23, 70, 14])
 

@@ -27,4 +27,5 @@ def judge(request: StepRequest, logits: np.ndarray) -> StepResult:
         seq=request.seq, step_id=request.step_id, accepted=list(verdict.accepted),
         next_token=int(verdict.next_token),
         top2_gaps=[top2_gap(logits[i]) for i in range(emitted)],
+        logits=logits if request.return_logits else None,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from cluster.errors import SpecshardError
+from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
 from cluster.model_info import KvType, TokenEmbedding
 from worker.ggml_api import ggml_backend_tensor_get, ggml_get_name, ggml_nbytes
@@ -54,10 +54,6 @@ class StageConfig:
     type_v: KvType = KvType.F16
     flash_attn: bool = False
     n_threads: int = 2
-
-
-class InvalidForward(SpecshardError):
-    """A forward request that does not fit the stage's state; nothing was changed."""
 
 
 class Stage:
@@ -190,6 +186,10 @@ class Stage:
                 raise InvalidForward("token ids go to the first stage only")
             tokens = np.asarray(tokens, dtype=np.int64)
             self.validate(seq, start, len(tokens), None)
+            assert self.embedding is not None
+            if tokens.min() < 0 or tokens.max() >= self.embedding.n_vocab:
+                raise InvalidForward(
+                    f"token id out of range 0..{self.embedding.n_vocab - 1}")
             hidden = self.embed(tokens)
         assert hidden is not None
         n_tokens = hidden.shape[0] if hidden.ndim == 2 else 0

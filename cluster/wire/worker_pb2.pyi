@@ -166,7 +166,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("seq", "step_id", "positions", "tokens", "hidden", "dtype", "n_embd", "n_draft", "draft_dists", "sampling", "step_seed", "chunk_index", "n_chunks", "cancel")
+    __slots__ = ("seq", "step_id", "positions", "tokens", "hidden", "dtype", "n_embd", "n_draft", "draft_dists", "sampling", "step_seed", "chunk_index", "n_chunks", "cancel", "return_logits")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class ForwardMessage(_message.Message):
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     step_id: int
     positions: _containers.RepeatedScalarFieldContainer[int]
@@ -195,17 +196,22 @@ class ForwardMessage(_message.Message):
     chunk_index: int
     n_chunks: int
     cancel: bool
-    def __init__(self, seq: _Optional[int] = ..., step_id: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    return_logits: bool
+    def __init__(self, seq: _Optional[int] = ..., step_id: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ..., cancel: _Optional[bool] = ..., return_logits: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("accepted", "next_token", "top2_gaps")
+    __slots__ = ("accepted", "next_token", "top2_gaps", "logits", "n_vocab")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP2_GAPS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    N_VOCAB_FIELD_NUMBER: _ClassVar[int]
     accepted: _containers.RepeatedScalarFieldContainer[int]
     next_token: int
     top2_gaps: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ...) -> None: ...
+    logits: bytes
+    n_vocab: int
+    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message", "worker")

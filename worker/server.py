@@ -1,0 +1,268 @@
+"""The gRPC worker: one stage, fed by its upstream, feeding its downstream (grpc.aio).
+
+Steps arrive on a long-lived Forward stream, are reassembled (chunks), checked, run on
+the stage in a single compute thread (llama.cpp contexts are not thread-safe; the event
+loop stays free for health checks), and pushed to the next worker on this worker's own
+stream. The last worker verifies and publishes results to its Results subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster import models
+from cluster.auth import TlsFiles, check_listen
+from cluster.errors import InvalidForward, SpecshardError
+from cluster.messages import Hop, LoadSpec, LoadUpdate, NodeInfo
+from cluster.wire import worker_pb2 as pb
+from cluster.wire import worker_pb2_grpc as pb_grpc
+from cluster.wire_convert import (
+    MAX_MESSAGE_BYTES,
+    HopAssembler,
+    error_to_wire,
+    load_from_wire,
+    node_to_wire,
+    progress_to_wire,
+    result_to_wire,
+    timing_to_wire,
+)
+from worker.auth import TokenInterceptor
+from worker.downstream import Downstream, DownstreamUnavailable
+from worker.runner import StageRunner, versions
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + (1 << 16)),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + (1 << 16))]
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    listen: str = "127.0.0.1:0"
+    token: str | None = None
+    tls: TlsFiles | None = None
+    name: str = ""
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, options: WorkerOptions, health_servicer: health.aio.HealthServicer
+                 ) -> None:
+        self.options = options
+        self.name = options.name
+        self._health = health_servicer
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="stage")
+        self._runner: StageRunner | None = None
+        self._spec: LoadSpec | None = None
+        self._downstream: Downstream | None = None
+        self._subscribers: set[asyncio.Queue[pb.ForwardReply]] = set()
+        self._load_lock = asyncio.Lock()
+
+    # --- control -----------------------------------------------------------------------
+
+    async def GetNodeInfo(self, request: pb.NodeInfoRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.NodeInfo:
+        from cluster.hardware import host_info
+
+        host = await asyncio.to_thread(host_info)
+        n_layer = self._runner.stage.model_n_layer if self._runner else 0
+        return node_to_wire(NodeInfo(host, versions(), self._spec, n_layer))
+
+    async def LoadStage(self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb.LoadProgress]:
+        spec = load_from_wire(request)
+        async with self._load_lock:
+            try:
+                async for update in self._load(spec):
+                    yield progress_to_wire(update)
+            except SpecshardError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    async def _load(self, spec: LoadSpec) -> AsyncIterator[LoadUpdate]:
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._spec is None or not self._spec_same_stage(spec):
+            await self._health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            model = await asyncio.to_thread(models.resolve, spec.model_path)
+            updates: asyncio.Queue[LoadUpdate] = asyncio.Queue()
+
+            def report(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(updates.put_nowait, LoadUpdate(
+                    "CUT", done / total if total else 1.0, f"{done}/{total} bytes"))
+
+            old, self._runner = self._runner, None
+            if old:
+                await loop.run_in_executor(self._compute, old.close)
+            task = loop.run_in_executor(self._compute, StageRunner.open, model, spec, report)
+            while not task.done() or not updates.empty():
+                try:
+                    yield await asyncio.wait_for(updates.get(), 0.2)
+                except TimeoutError:
+                    continue
+            self._runner = await task
+            yield LoadUpdate("LOAD", 1.0, f"layers {spec.begin}:{spec.end} loaded")
+        self._spec = spec
+        if self._downstream:
+            await self._downstream.close()
+            self._downstream = None
+        if spec.downstream:
+            self._downstream = Downstream(spec.downstream, self.options, spec.wire_f16)
+            await self._downstream.connect()
+            yield LoadUpdate("CONNECT", 1.0, f"streaming to {spec.downstream.address}")
+        await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        yield LoadUpdate("READY", 1.0, self.name)
+
+    def _spec_same_stage(self, spec: LoadSpec) -> bool:
+        old = self._spec
+        assert old is not None
+        return (old.model_path, old.begin, old.end, old.n_ctx, old.n_seq_max, old.type_k,
+                old.type_v, old.flash_attn, old.n_threads) == \
+            (spec.model_path, spec.begin, spec.end, spec.n_ctx, spec.n_seq_max, spec.type_k,
+             spec.type_v, spec.flash_attn, spec.n_threads)
+
+    async def Truncate(self, request: pb.TruncateRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.TruncateReply:
+        """Out of band, for a pipeline at rest (recovery); in-flight steps use cancel."""
+        runner = self._runner
+        if runner is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no stage loaded")
+        assert runner is not None
+        try:
+            lengths = await asyncio.get_running_loop().run_in_executor(
+                self._compute, runner.truncate, list(request.seqs), request.length)
+        except InvalidForward as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TruncateReply(lengths=lengths)
+
+    # --- the ring ----------------------------------------------------------------------
+
+    async def Forward(self, request_iterator: AsyncIterator[pb.ForwardMessage],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ForwardReply]:
+        assembler = HopAssembler()
+        async for msg in request_iterator:
+            try:
+                hop = assembler.add(msg)
+                if hop is not None:
+                    await self._process(hop)
+            except InvalidForward as exc:
+                reply = error_to_wire(msg.seq, msg.step_id, _INVALID, str(exc), self.name)
+                self._publish(reply)
+                yield reply
+            except DownstreamUnavailable as exc:
+                reply = error_to_wire(msg.seq, msg.step_id, _UNAVAILABLE, str(exc), self.name)
+                self._publish(reply)
+                yield reply
+            except Exception as exc:  # a bug or llama.cpp failure: report, keep serving
+                log.exception("step %d of sequence %d failed", msg.step_id, msg.seq)
+                reply = error_to_wire(msg.seq, msg.step_id, _INTERNAL, str(exc), self.name)
+                self._publish(reply)
+                yield reply
+
+    async def _process(self, hop: Hop) -> None:
+        runner = self._runner
+        if runner is None:
+            raise InvalidForward("no stage loaded")
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        outcome = await loop.run_in_executor(self._compute, runner.run, hop)
+        stage_ms = 1000 * (time.perf_counter() - t0)
+        r = hop.request
+        if isinstance(outcome, Hop):  # hidden states (or a cancel) for the next worker
+            if self._downstream is None:
+                raise InvalidForward("this stage has no downstream worker")
+            await self._downstream.send(outcome)
+            if not hop.cancel:
+                self._publish(timing_to_wire(r.seq, r.step_id, stage_ms))
+        elif outcome is not None:
+            self._publish(result_to_wire(outcome, stage_ms))
+
+    def _publish(self, reply: pb.ForwardReply) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(reply)
+
+    async def Results(self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.ForwardReply]:
+        queue: asyncio.Queue[pb.ForwardReply] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield pb.ForwardReply()  # subscribed: the caller may start sending steps
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)
+
+    async def close(self) -> None:
+        if self._downstream:
+            await self._downstream.close()
+        if self._runner:
+            await asyncio.get_running_loop().run_in_executor(self._compute,
+                                                             self._runner.close)
+        self._compute.shutdown(wait=True)
+
+
+@dataclass
+class RunningWorker:
+    server: grpc.aio.Server
+    service: WorkerService
+    port: int
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        await self.service.close()
+
+
+async def start_worker(options: WorkerOptions) -> RunningWorker:
+    check_listen(options.listen, options.token)
+    interceptors = [TokenInterceptor(options.token)] if options.token else []
+    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    service = WorkerService(options, health_servicer)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    if options.tls:
+        port = server.add_secure_port(options.listen, options.tls.server_credentials())
+    else:
+        port = server.add_insecure_port(options.listen)
+    if port == 0:
+        raise SpecshardError(f"cannot listen on {options.listen}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if not service.name:
+        service.name = f"{options.listen.rpartition(':')[0]}:{port}"
+    log.info("worker listening on port %d", port)
+    return RunningWorker(server, service, port)
+
+
+def run_worker(options: WorkerOptions, port_file: Path | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; write the bound port to `port_file` once listening."""
+    import signal
+
+    async def main() -> None:
+        worker = await start_worker(options)
+        if port_file:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(str(worker.port))
+            tmp.replace(port_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await worker.stop()
+
+    asyncio.run(main())
