@@ -1,6 +1,6 @@
 """Sampling parameters and the filtered distributions both draft and target use.
 
-The same filters (temperature, then top-k, then top-p) are applied to the draft's and
+The same filters (top-k, top-p, temperature) are applied to the draft's and
 the target's logits, so speculative sampling reproduces the target's filtered
 distribution exactly (Leviathan et al. 2023, applied to the filtered pair).
 """
@@ -56,22 +56,30 @@ class SparseDist:
 
 
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> SparseDist:
-    """The distribution a sampler with these parameters draws from, as a sparse dist."""
+    """The distribution a sampler with these parameters draws from, as a sparse dist.
+
+    Filters in llama.cpp's default order: top-k, then top-p on the untempered
+    distribution, then temperature on what is left (common/sampling.cpp).
+    """
     if params.greedy:
         return SparseDist.point(int(np.argmax(logits)))
-    scaled = logits.astype(np.float64) / params.temperature
-    if 0 < params.top_k < scaled.size:
-        ids = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+    raw = logits.astype(np.float64)
+    if 0 < params.top_k < raw.size:
+        ids = np.argpartition(raw, -params.top_k)[-params.top_k:]
     else:
-        ids = np.arange(scaled.size)
-    # Descending by logit, ties by id, so the top-p cut is deterministic.
-    ids = ids[np.lexsort((ids, -scaled[ids]))]
-    probs = np.exp(scaled[ids] - scaled[ids[0]])
-    probs /= probs.sum()
+        ids = np.arange(raw.size)
     if params.top_p < 1:
+        # Descending by logit, ties by id, so the cut is deterministic.
+        ids = ids[np.lexsort((ids, -raw[ids]))]
+        probs = _softmax(raw[ids])
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
-        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-    return SparseDist(ids.astype(np.int64), probs)
+        ids = ids[:keep]
+    return SparseDist(ids.astype(np.int64), _softmax(raw[ids] / params.temperature))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
 
 
 def sample(dist: SparseDist, rng: np.random.Generator) -> int:

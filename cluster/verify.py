@@ -23,7 +23,10 @@ class Verdict:
 
 def residual(p: SparseDist, q: SparseDist) -> SparseDist:
     """max(0, p − q) normalised, over p's support (q adds nothing outside it)."""
-    q_on_p = np.array([q.prob(int(t)) for t in p.ids])
+    order = np.argsort(q.ids)
+    q_ids = q.ids[order]
+    at = np.minimum(np.searchsorted(q_ids, p.ids), q_ids.size - 1)
+    q_on_p = np.where(q_ids[at] == p.ids, q.probs[order][at], 0.0)
     rest = np.maximum(p.probs - q_on_p, 0.0)
     total = rest.sum()
     if total <= 0:  # p == q: a rejection cannot happen, but stay well-defined

@@ -6,13 +6,19 @@ import argparse
 import json
 import os
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 
 from cluster import models
+from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
+from cluster.messages import LoadSpec
 from cluster.model_info import KvType, inspect_model
 from cluster.sampling import SamplingParams
 from cluster.stage_cut import even_split
 from coordinator.generate import Generation, Pipeline, generate_stream
+from coordinator.grpc_pipeline import GrpcPipeline
+from coordinator.launcher import LocalWorkers
 from coordinator.local_pipeline import LocalPipeline
 from coordinator.tokenizer import TextStream, Tokenizer
 
@@ -23,6 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
     p.add_argument("--stages", type=int, default=1, help="in-process stages (default 1)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="start N gRPC worker processes on loopback, one stage each")
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="use a running worker (repeat, in ring order)")
+    p.add_argument("--token-file", help="cluster token for --worker")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--tls-ca")
+    p.add_argument("--pin", action="store_true",
+                   help="each local worker on its own CPU core (one box per worker)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -30,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ctx", type=int, default=4096, help="context per sequence")
     p.add_argument("--kv", choices=[t.value for t in KvType], default=KvType.F16.value)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
-                   help="llama.cpp threads per stage")
+    p.add_argument("--threads", type=int, default=None,
+                   help="llama.cpp threads per stage (default: all cores; 1 with --pin)")
     p.add_argument("--json", action="store_true", help="print tokens, text and stats as JSON")
     p.set_defaults(handler=run_generate)
 
@@ -82,18 +98,53 @@ def report(generation: Generation, tokenizer: Tokenizer, as_json: bool) -> None:
               file=sys.stderr)
 
 
+def threads(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SpecshardError("--threads must be at least 1")
+        return int(args.threads)
+    return 1 if args.pin else os.cpu_count() or 1
+
+
+def open_pipeline(args: argparse.Namespace, model: Path, stack: ExitStack) -> Pipeline:
+    """In-process stages, local worker processes, or running workers, as asked."""
+    info = inspect_model(model)
+    kv = KvType(args.kv)
+    progress = sys.stderr.isatty()
+    if args.workers and args.worker:
+        raise SpecshardError("give --workers N or --worker HOST:PORT, not both")
+    if not args.workers and not args.worker:
+        local = LocalPipeline.load(model, even_split(info.n_layer, args.stages),
+                                   n_ctx=args.ctx, n_threads=threads(args), kv=kv,
+                                   progress=progress)
+        stack.callback(local.close)
+        return local
+    token: str | None
+    if args.workers:
+        workers = stack.enter_context(LocalWorkers(args.workers, pin=args.pin))
+        addresses, token, tls = workers.addresses, workers.token, None
+        model_ref = str(model)
+    else:
+        addresses = args.worker
+        token = read_token(args.token_file) if args.token_file else None
+        tls = tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)
+        model_ref = args.model  # a path on the workers' disks, or "demo"
+    pipeline = GrpcPipeline(addresses, token=token, tls=tls)
+    stack.callback(pipeline.close)
+    specs = [LoadSpec(model_ref, s.begin, s.end, n_ctx=args.ctx, n_threads=threads(args),
+                      type_k=kv.value, type_v=kv.value, flash_attn=kv is not KvType.F16)
+             for s in even_split(info.n_layer, len(addresses))]
+    pipeline.load(specs, progress=progress)
+    return pipeline
+
+
 def run_generate(args: argparse.Namespace) -> int:
     model = models.resolve(args.model)
-    info = inspect_model(model)
     tokenizer = Tokenizer(model)
     tokens = prompt_tokens(tokenizer, args.prompt, args.raw)
-    pipeline = LocalPipeline.load(model, even_split(info.n_layer, args.stages),
-                                  n_ctx=args.ctx, n_threads=args.threads,
-                                  kv=KvType(args.kv), progress=sys.stderr.isatty())
-    try:
+    with ExitStack() as stack:
+        pipeline = open_pipeline(args, model, stack)
         generation = run_pipeline(pipeline, tokenizer, tokens, args, echo=not args.json)
-    finally:
-        pipeline.close()
     report(generation, tokenizer, args.json)
     return 0
 

@@ -149,8 +149,10 @@ def decode_step(pipeline: Pipeline, context: list[int], start: int,
                 drafter: Drafter | None, room: int) -> StepResult:
     """One pass: draft γ guesses after the last token, verify them all at once."""
     t0 = time.perf_counter()
-    draft = drafter.propose(context, sampling, np.random.default_rng(seed)) if drafter \
-        else Draft([], [])
+    # The verifier draws from default_rng(seed): the drafter needs a stream of its own,
+    # or acceptance would read the very number that chose the guess (biased output).
+    draft = drafter.propose(context, sampling, np.random.default_rng([seed, 1])) \
+        if drafter else Draft([], [])
     guesses = draft.tokens[:max(0, min(room - 1, pipeline.n_ctx - len(context) - 1))]
     t1 = time.perf_counter()
     result = pipeline.step(StepRequest(

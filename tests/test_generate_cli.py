@@ -37,3 +37,24 @@ def test_generate_prompt_over_context_is_refused(demo_target):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         line for line in result.stderr.strip().splitlines() if "context" in line]
+
+
+def test_generate_over_local_grpc_workers_equals_in_process(demo_target):
+    common = ("--model", str(demo_target), "--max-tokens", "12", "--json", "--threads", "1",
+              "--prompt", "Write a C function that reverses a string.")
+    ring = specshard("generate", "--workers", "2", "--pin", *common)
+    single = specshard("generate", *common)
+    assert ring.returncode == 0, ring.stderr
+    assert single.returncode == 0, single.stderr
+    assert json.loads(ring.stdout)["tokens"] == json.loads(single.stdout)["tokens"]
+
+
+def test_generate_with_unreachable_worker_is_a_clear_error(demo_target, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    token.chmod(0o600)
+    result = specshard("generate", "--model", str(demo_target), "--prompt", "hi",
+                       "--worker", "127.0.0.1:9", "--token-file", str(token))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "specshard: error: worker 127.0.0.1:9 is not reachable"]
