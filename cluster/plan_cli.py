@@ -7,7 +7,9 @@ import json
 import re
 
 from cluster import models
+from cluster.auth import read_token
 from cluster.errors import SpecshardError
+from cluster.inventory import node_specs, query_node
 from cluster.model_info import KvType, inspect_model, parse_layers
 from cluster.plan import DEFAULT_MARGIN, GIB, HOST, NodeSpec, Plan, StagePlan, plan
 
@@ -25,7 +27,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="a node by hand; MEM like 12GiB, 12G or 8000MiB (repeat)")
     where.add_argument("--worker", action="append", metavar="HOST:PORT",
                        help="ask a running worker for its memory (repeat)")
-    p.add_argument("--token", help="the workers' shared token (with --worker)")
+    p.add_argument("--token-file", help="file with the workers' token (with --worker)")
     p.add_argument("--ctx", type=int, required=True, help="tokens of context per sequence")
     p.add_argument("--parallel", type=int, default=1, help="sequences decoded at once")
     p.add_argument("--margin", default=f"{DEFAULT_MARGIN / GIB:g}GiB",
@@ -85,9 +87,10 @@ def parse_overrides(texts: list[str], n_layer: int) -> dict[str, tuple[int, int]
     return layers
 
 
-def nodes_from_workers(addresses: list[str], token: str | None) -> list[NodeSpec]:
-    """Each worker's device memory, asked over gRPC."""
-    raise SpecshardError("--worker needs the gRPC worker (issue 2)")
+def nodes_from_workers(addresses: list[str], token_file: str | None) -> list[NodeSpec]:
+    """Each worker's device memory (or RAM share, without a GPU), asked over gRPC."""
+    token = read_token(token_file) if token_file else None
+    return node_specs(addresses, [query_node(a, token) for a in addresses])
 
 
 def _gib(n: int) -> str:
@@ -145,7 +148,7 @@ def render(result: Plan, model: str, draft: str | None) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    nodes = nodes_from_workers(args.worker, args.token) if args.worker \
+    nodes = nodes_from_workers(args.worker, args.token_file) if args.worker \
         else [parse_node(text) for text in args.node]
     target = inspect_model(models.resolve(args.model, "target"))
     draft = inspect_model(models.resolve(args.draft, "draft")) if args.draft else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -12,7 +13,6 @@ from pathlib import Path
 from cluster import models
 from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
-from cluster.messages import LoadSpec
 from cluster.model_info import KvType, inspect_model
 from cluster.sampling import SamplingParams
 from cluster.stage_cut import even_split
@@ -20,7 +20,10 @@ from coordinator.generate import Generation, Pipeline, generate_stream
 from coordinator.grpc_pipeline import GrpcPipeline
 from coordinator.launcher import LocalWorkers
 from coordinator.local_pipeline import LocalPipeline
+from coordinator.placement import load_specs, plan_ring
 from coordinator.tokenizer import TextStream, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -131,9 +134,10 @@ def open_pipeline(args: argparse.Namespace, model: Path, stack: ExitStack) -> Pi
         model_ref = args.model  # a path on the workers' disks, or "demo"
     pipeline = GrpcPipeline(addresses, token=token, tls=tls)
     stack.callback(pipeline.close)
-    specs = [LoadSpec(model_ref, s.begin, s.end, n_ctx=args.ctx, n_threads=threads(args),
-                      type_k=kv.value, type_v=kv.value, flash_attn=kv is not KvType.F16)
-             for s in even_split(info.n_layer, len(addresses))]
+    ring_plan = plan_ring(model, addresses, pipeline.node_infos(), args.ctx)
+    log.info("plan: %s", ", ".join(f"{s.name} {s.begin}:{s.end} {s.type_k.value}"
+                                   for s in ring_plan.stages))
+    specs = load_specs(ring_plan, model_ref, threads(args))
     pipeline.load(specs, progress=progress)
     return pipeline
 

@@ -96,8 +96,12 @@ class WorkerClient:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def node_info(self) -> NodeInfo:
-        return node_from_wire(self.stub.GetNodeInfo(pb.NodeInfoRequest(),
-                                                    metadata=self.metadata, timeout=30))
+        self.wait_ready(30.0)
+        try:
+            return node_from_wire(self.stub.GetNodeInfo(pb.NodeInfoRequest(),
+                                                        metadata=self.metadata, timeout=30))
+        except grpc.RpcError as exc:
+            raise _rpc_error(self.address, exc) from None
 
     def load(self, spec: LoadSpec, on_update: Callable[[str, float, str], None]) -> None:
         try:

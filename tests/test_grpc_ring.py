@@ -208,3 +208,21 @@ def test_node_info_reports_the_machine_and_the_stage(loaded_ring: GrpcPipeline):
     assert first.stage.downstream is not None
     assert last.stage is not None and (last.stage.begin, last.stage.end) == (14, 28)
     assert last.stage.downstream is None and last.model_n_layer == 28
+
+
+def test_plan_asks_running_workers(workers: LocalWorkers, demo_target: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]):
+    import json
+
+    from cluster.auth import write_token
+    from cluster.cli import main
+
+    token_file = write_token(tmp_path / "token", workers.token)
+    code = main(["plan", "--model", str(demo_target), "--ctx", "2048", "--json",
+                 "--token-file", str(token_file), "--margin", "256MiB",
+                 *[arg for a in workers.addresses[:2] for arg in ("--worker", a)]])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["feasible"]
+    assert [n["name"] for n in out["nodes"]] == workers.addresses[:2]
+    assert out["nodes"][0]["layers"][0] == 0 and out["nodes"][1]["layers"][1] == 28
+    assert out["nodes"][0]["layers"][1] == out["nodes"][1]["layers"][0]

@@ -150,7 +150,7 @@ def test_forced_layers_are_kept(capsys: pytest.CaptureFixture[str], qwq: Path) -
     (["--node", "a=12G,fast"], "unknown option 'fast'"),
     (["--node", "a=12G,bw=x"], "not a number of GB/s"),
     (["--node", "a=12G", "--node", "a=8G"], "unique"),
-    (["--worker", "10.0.0.2:7000"], "needs the gRPC worker"),
+    (["--worker", "127.0.0.1:9"], "127.0.0.1:9 is not reachable"),
 ])
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], qwq: Path,
                                args: list[str], message: str) -> None:
