@@ -1,0 +1,233 @@
+"""The Ansible deployment: lint, syntax, inventory, and a real run against this machine.
+
+The real run deploys a CPU worker to localhost without root (no system user, systemd,
+firewall or apt): everything goes under tmp_path. To stay fast and offline the
+virtualenv it makes reuses this environment's packages through a .pth file
+(`specshard_venv_site_dirs`) and installs specshard itself from the checkout with
+`pip install --no-deps --no-build-isolation`, so llama-cpp-python is neither downloaded
+nor rebuilt (`specshard_llama_cpp_build: false`). The demo model is linked from the
+local cache, not downloaded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster import models
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE = ROOT / "ansible"
+BIN = Path(sys.executable).parent
+EXAMPLE = ANSIBLE / "inventories" / "example" / "hosts.yml"
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                   re.MULTILINE)
+
+
+def ansible_env(tmp: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    if tmp is not None:
+        env.update(ANSIBLE_HOME=str(tmp / "ansible-home"),
+                   ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"))
+    return env
+
+
+def run(args: list[str], timeout: float, tmp: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env=ansible_env(tmp), cwd=ANSIBLE)
+
+
+def test_lint_production_profile() -> None:
+    result = run([str(BIN / "ansible-lint"), "--offline", "--profile", "production",
+                  "--nocolor", str(ANSIBLE)], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_syntax_check() -> None:
+    result = run([str(BIN / "ansible-playbook"), "--syntax-check", "-i", str(EXAMPLE),
+                  str(ANSIBLE / "site.yml")], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_inventory_graph() -> None:
+    result = run([str(BIN / "ansible-inventory"), "-i", str(EXAMPLE), "--graph"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    for group in ("@cluster:", "@coordinator:", "@gpu_workers:"):
+        assert group in result.stdout
+    listing = run([str(BIN / "ansible-inventory"), "-i", str(EXAMPLE), "--list"], timeout=120)
+    cluster = json.loads(listing.stdout)["cluster"]
+    assert set(cluster["children"]) == {"coordinator", "gpu_workers"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def recap(output: str) -> dict[str, int]:
+    found = RECAP.findall(output)
+    assert found, f"no PLAY RECAP in:\n{output[-3000:]}"
+    host, ok, changed, unreachable, failed = found[-1]
+    return {"ok": int(ok), "changed": int(changed), "unreachable": int(unreachable),
+            "failed": int(failed)}
+
+
+def health(port: int, tls_dir: Path, token: str, timeout: float = 3.0) -> int:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(tls_dir / "ca.crt").read_bytes(),
+        private_key=(tls_dir / "node.key").read_bytes(),
+        certificate_chain=(tls_dir / "node.crt").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                             options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+            metadata=(("authorization", f"Bearer {token}"),))
+    return int(reply.status)
+
+
+def wait_healthy(port: int, tls_dir: Path, token: str, within: float = 60.0) -> int:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return health(port, tls_dir, token)
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def stop_pid_file(pid_file: Path) -> None:
+    """Stop the worker the playbook started, by its recorded pid (TERM, then KILL)."""
+    if not pid_file.is_file():
+        return
+    pid = int(pid_file.read_text().strip())
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class LocalDeploy:
+    tmp: Path
+    inventory: Path
+    extra: Path
+    port: int
+    token: str
+    pid_file: Path
+
+
+@pytest.fixture()
+def local_deploy(tmp_path: Path) -> Iterator[LocalDeploy]:
+    target = models.demo_path(models.DEMO_TARGET)
+    if not target.exists():
+        pytest.fail("demo target missing: run `specshard models fetch` (make test does)")
+    port = free_port()
+    token = secrets.token_urlsafe(32)
+    inventory = tmp_path / "inventory" / "hosts.yml"
+    inventory.parent.mkdir()
+    inventory.write_text(json.dumps({"cluster": {"children": {
+        "coordinator": {"hosts": {}},
+        "gpu_workers": {"hosts": {"localhost": {
+            "ansible_connection": "local", "ansible_python_interpreter": sys.executable}}},
+    }}}))
+    settings = {
+        # Nothing privileged, no GPU, no Ray (it needs systemd and a coordinator).
+        "specshard_gpu": False, "specshard_become": False, "specshard_system_user": False,
+        "specshard_system_packages": False, "specshard_service_manager": "none",
+        "specshard_firewall": False, "specshard_ray": False, "specshard_worker_tls": True,
+        # Everything under tmp_path.
+        "specshard_prefix": str(tmp_path / "opt"),
+        "specshard_config_dir": str(tmp_path / "etc"),
+        "specshard_home": str(tmp_path / "home"),
+        "specshard_run_dir": str(tmp_path / "run"),
+        # Fast and offline: a venv that sees this environment's packages.
+        "specshard_python": getattr(sys, "_base_executable", sys.executable),
+        "specshard_venv_site_dirs": [sysconfig.get_paths()["purelib"]],
+        "specshard_pip_args": ["--no-deps", "--no-build-isolation", "--quiet"],
+        "specshard_llama_cpp_build": False,
+        "specshard_model_target": {"filename": target.name, "path": str(target.resolve())},
+        "specshard_worker_layers": "0:2",
+        "specshard_worker_listen": f"127.0.0.1:{port}",
+        "specshard_worker_token": token,
+    }
+    # A snapshot of the checkout, so edits made meanwhile cannot change the second run.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, checkout / name)
+    for name in ("cluster", "worker", "coordinator"):
+        shutil.copytree(ROOT / name, checkout / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    settings["specshard_checkout"] = str(checkout)
+    settings["specshard_build_dir"] = str(tmp_path / "build")
+    extra = tmp_path / "vars.json"
+    extra.write_text(json.dumps(settings))
+    pid_file = tmp_path / "run" / "worker.pid"
+    ctl = tmp_path / "opt" / "libexec" / "specshard-worker-ctl"
+    try:
+        yield LocalDeploy(tmp_path, inventory, extra, port, token, pid_file)
+    finally:
+        if ctl.is_file():
+            subprocess.run([str(ctl), "stop"], capture_output=True, timeout=60)
+        stop_pid_file(pid_file)
+
+
+def play(deploy: LocalDeploy) -> subprocess.CompletedProcess[str]:
+    return run([str(BIN / "ansible-playbook"), "-i", str(deploy.inventory),
+                "-e", f"@{deploy.extra}", str(ANSIBLE / "site.yml")],
+               timeout=900, tmp=deploy.tmp)
+
+
+@pytest.mark.slow
+def test_deploy_a_cpu_worker_to_localhost(local_deploy: LocalDeploy) -> None:
+    tmp, port, token = local_deploy.tmp, local_deploy.port, local_deploy.token
+
+    first = play(local_deploy)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+    first_recap = recap(first.stdout)
+    assert first_recap["failed"] == 0 and first_recap["changed"] > 0
+
+    venv = tmp / "opt" / "venv"
+    assert (venv / "bin" / "specshard").is_file()
+    stages = list((tmp / "home" / "stages").glob("*.layers-0-2.gguf"))
+    assert len(stages) == 1 and stages[0].stat().st_size > 0
+    tls_dir = tmp / "etc" / "tls"
+    assert wait_healthy(port, tls_dir, token) == health_pb2.HealthCheckResponse.SERVING
+    pid = int(local_deploy.pid_file.read_text())
+    os.kill(pid, 0)  # the recorded pid is the live worker
+
+    second = play(local_deploy)
+    assert second.returncode == 0, second.stdout[-6000:] + second.stderr[-3000:]
+    second_recap = recap(second.stdout)
+    print("first run: ", first_recap, "\nsecond run:", second_recap)
+    assert second_recap["failed"] == 0 and second_recap["changed"] == 0, second.stdout[-6000:]
+    assert int(local_deploy.pid_file.read_text()) == pid  # not restarted
+    assert health(port, tls_dir, token) == health_pb2.HealthCheckResponse.SERVING
