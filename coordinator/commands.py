@@ -16,10 +16,13 @@ from cluster.errors import SpecshardError
 from cluster.model_info import KvType, inspect_model
 from cluster.sampling import SamplingParams
 from cluster.stage_cut import even_split
-from coordinator.generate import Generation, Pipeline, generate_stream
+from coordinator.draft import DraftConfig, ModelDrafter, check_vocab
+from coordinator.gamma import GammaConfig, GammaController
+from coordinator.generate import Drafter, Generation, Pipeline, generate_stream
 from coordinator.grpc_pipeline import GrpcPipeline
 from coordinator.launcher import LocalWorkers
 from coordinator.local_pipeline import LocalPipeline
+from coordinator.ngram import NgramDrafter
 from coordinator.placement import load_specs, plan_ring
 from coordinator.tokenizer import TextStream, Tokenizer
 
@@ -51,8 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--kv", choices=[t.value for t in KvType], default=KvType.F16.value)
     p.add_argument("--threads", type=int, default=None,
                    help="llama.cpp threads per stage (default: all cores; 1 with --pin)")
+    add_draft_arguments(p)
     p.add_argument("--json", action="store_true", help="print tokens, text and stats as JSON")
     p.set_defaults(handler=run_generate)
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", help="draft GGUF for speculative decoding, or 'demo'")
+    p.add_argument("--draft-mode", choices=["model", "ngram", "none"],
+                   help="model (default with --draft), ngram (prompt lookup: no draft "
+                        "model, good for edits of given text) or none")
+    p.add_argument("--gamma", type=int, help="a fixed draft length (default: adaptive)")
+    p.add_argument("--gamma-max", type=int, default=16, help="adaptive γ's upper bound")
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
@@ -67,10 +80,32 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
     return tokenizer.encode(text)
 
 
+def open_drafter(args: argparse.Namespace, model: Path, stack: ExitStack) -> Drafter | None:
+    mode = args.draft_mode or ("model" if args.draft else "none")
+    if args.gamma is not None and not 1 <= args.gamma <= 16:
+        raise SpecshardError("--gamma must be in 1..16")
+    if not 1 <= args.gamma_max <= 16:
+        raise SpecshardError("--gamma-max must be in 1..16")
+    gamma = GammaController(GammaConfig(fixed=args.gamma, gamma_max=args.gamma_max))
+    if mode == "none":
+        return None
+    if mode == "ngram":
+        return NgramDrafter(gamma=gamma)
+    if not args.draft:
+        raise SpecshardError("--draft-mode model needs --draft MODEL (or 'demo')")
+    draft = models.resolve(args.draft, "draft")
+    check_vocab(model, draft)
+    drafter = ModelDrafter(DraftConfig(draft, n_ctx=args.ctx, n_threads=threads(args)),
+                           gamma)
+    stack.callback(drafter.close)
+    return drafter
+
+
 def run_pipeline(pipeline: Pipeline, tokenizer: Tokenizer, tokens: list[int],
-                 args: argparse.Namespace, echo: bool) -> Generation:
+                 args: argparse.Namespace, echo: bool, drafter: Drafter | None = None
+                 ) -> Generation:
     stream = generate_stream(pipeline, tokens, args.max_tokens, sampling_from(args),
-                             tokenizer.is_end)
+                             tokenizer.is_end, drafter=drafter)
     text = TextStream(tokenizer)
     out, gaps = [], []
     while True:
@@ -96,8 +131,9 @@ def report(generation: Generation, tokenizer: Tokenizer, as_json: bool) -> None:
                           "stats": generation.stats.as_dict()}))
     else:
         s = generation.stats
+        spec = f", {s.tokens_per_step:.2f} tokens/step" if s.proposed else ""
         print(f"\n\n[{s.n_tokens} tokens, {s.tok_s:.1f} tok/s decode, "
-              f"{s.prompt_tok_s:.1f} tok/s prompt, {s.n_prompt_tokens} prompt tokens]",
+              f"{s.prompt_tok_s:.1f} tok/s prompt, {s.n_prompt_tokens} prompt tokens{spec}]",
               file=sys.stderr)
 
 
@@ -148,7 +184,9 @@ def run_generate(args: argparse.Namespace) -> int:
     tokens = prompt_tokens(tokenizer, args.prompt, args.raw)
     with ExitStack() as stack:
         pipeline = open_pipeline(args, model, stack)
-        generation = run_pipeline(pipeline, tokenizer, tokens, args, echo=not args.json)
+        drafter = open_drafter(args, model, stack)
+        generation = run_pipeline(pipeline, tokenizer, tokens, args, echo=not args.json,
+                                  drafter=drafter)
     report(generation, tokenizer, args.json)
     return 0
 
