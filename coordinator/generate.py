@@ -118,12 +118,16 @@ def check_fits(pipeline: Pipeline, n_prompt: int, max_tokens: int) -> None:
 
 def generate_stream(pipeline: Pipeline, prompt: list[int], max_tokens: int,
                     sampling: SamplingParams, is_end: StopCheck, seq: int = 0,
-                    drafter: Drafter | None = None
+                    drafter: Drafter | None = None, stats: Stats | None = None
                     ) -> Generator[tuple[int, float], None, Stats]:
-    """Yield (token, top-2 logit gap) as they are decided; return the stats at the end."""
+    """Yield (token, top-2 logit gap) as they are decided; return the stats at the end.
+
+    `stats`, when given, is filled in as the generation goes (for a caller that may stop
+    consuming early)."""
     check_fits(pipeline, len(prompt), max_tokens)
     seeds = _seeds(sampling)
-    stats = Stats(n_prompt_tokens=len(prompt))
+    stats = stats if stats is not None else Stats()
+    stats.n_prompt_tokens = len(prompt)
     context = list(prompt)
     budget = min(max_tokens, pipeline.n_ctx - len(prompt))
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ class LocalPipeline:
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
+        self._lock = threading.Lock()  # one llama.cpp call at a time, whoever calls
 
     @classmethod
     def load(cls, model: Path, specs: list[StageSpec], n_ctx: int = 4096,
@@ -49,11 +51,13 @@ class LocalPipeline:
         return hidden
 
     def step(self, request: StepRequest) -> StepResult:
-        return judge(request, self.logits(request))
+        with self._lock:
+            return judge(request, self.logits(request))
 
     def reset(self, seq: int) -> None:
-        for stage in self.stages:
-            stage.truncate(seq, 0)
+        with self._lock:
+            for stage in self.stages:
+                stage.truncate(seq, 0)
 
     def close(self) -> None:
         for stage in self.stages:

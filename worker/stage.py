@@ -97,6 +97,9 @@ class Stage:
         cparams.n_ctx = c.n_ctx * c.n_seq_max
         cparams.n_batch = cparams.n_ubatch = c.n_batch
         cparams.n_seq_max = c.n_seq_max
+        # One KV stream per sequence: a sequence's attention then sees exactly the cells
+        # it would see alone, so concurrent requests decode bit-identically to solo ones.
+        cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = c.n_threads
         cparams.type_k = c.type_k.ggml_type
         cparams.type_v = c.type_v.ggml_type
