@@ -73,7 +73,8 @@ class RayWorkers:
                  local: bool = False) -> None:
         self.requested, self.ray_address, self.local = n, address, local
         self.tls = tls
-        self.token = token or new_token()  # always: actors may bind beyond loopback
+        # Always a token: actors bind their node's address, reachable from the LAN.
+        self.token: str | None = token or new_token()
         self.addresses: list[str] = []
         self.members: list[_Member] = []
         self._pg: PlacementGroup | None = None

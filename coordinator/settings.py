@@ -1,0 +1,61 @@
+"""`specshard serve` configuration: one pydantic-settings model is the single source of
+truth — the command-line flags, the `SPECSHARD_*` environment variables and the
+defaults all derive from these fields (flags win over the environment)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPECSHARD_", extra="ignore")
+
+    model: str = Field("demo", description="target GGUF, or 'demo'")
+    draft: str | None = Field(None, description="draft GGUF for speculative decoding, or "
+                                                "'demo'")
+    draft_mode: str = Field("auto", description="model, ngram, none, or auto (model when "
+                                                "--draft is given)")
+    ray: str | None = Field(None, description="Ray cluster address ('auto' = the running "
+                                              "one); one worker per GPU node")
+    local_workers: int = Field(0, description="start a local Ray instance with N workers")
+    worker: list[str] = Field(default_factory=list,
+                              description="use a running worker HOST:PORT (repeat, in order)")
+    workers: int | None = Field(None, description="with --ray: how many workers (default: "
+                                                  "one per GPU node)")
+    token_file: str | None = Field(None, description="the workers' token (with --worker)")
+    ctx: int = Field(4096, description="context per sequence")
+    parallel: int = Field(1, description="sequences decoded at once")
+    queue_size: int = Field(16, description="requests allowed to wait for a sequence")
+    host: str = Field("127.0.0.1", description="HTTP address (beyond loopback needs an API "
+                                               "key)")
+    port: int = Field(8000, description="HTTP port")
+    api_key: str | None = Field(None, description="API key clients must send (prefer "
+                                                  "SPECSHARD_API_KEY or --api-key-file)")
+    api_key_file: str | None = Field(None, description="file holding the API key")
+    threads: int = Field(1, description="llama.cpp threads per worker")
+    gamma: int | None = Field(None, description="fixed draft length (default: adaptive)")
+    name: str = Field("", description="model name in the API (default: the file's stem)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per field; unset flags fall through to SPECSHARD_* and the defaults."""
+    for name, field in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": field.description, "default": None}
+        if name == "worker":
+            kwargs.update(action="append", metavar="HOST:PORT")
+        elif name == "ray":
+            kwargs.update(nargs="?", const="auto", metavar="ADDRESS")
+        elif field.annotation in (int, int | None):
+            kwargs["type"] = int
+        p.add_argument(flag, **kwargs)
+
+
+def from_args(args: argparse.Namespace) -> ServeSettings:
+    given = {name: getattr(args, name) for name in ServeSettings.model_fields
+             if getattr(args, name, None) is not None}
+    return ServeSettings(**given)
