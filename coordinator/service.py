@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster import models
-from cluster.auth import read_token
+from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
 from coordinator.draft import DraftConfig, ModelDrafter, check_vocab
 from coordinator.engine import Engine
@@ -54,12 +54,13 @@ def _workers(s: ServeSettings) -> tuple[WorkerSet, bool]:
     if sum(chosen) != 1:
         raise SpecshardError("choose one of --ray [ADDRESS], --local-workers N, "
                              "--worker HOST:PORT")
-    if s.local_workers:
-        return RayWorkers(s.local_workers, local=True).start(), True
-    if s.ray:
-        return RayWorkers(s.workers, address=s.ray).start(), False
+    tls = tls_from_args(s.tls_cert, s.tls_key, s.tls_ca)
     token = read_token(s.token_file) if s.token_file else None
-    return StaticWorkers(s.worker, token, None), False
+    if s.local_workers:
+        return RayWorkers(s.local_workers, local=True, tls=tls, token=token).start(), True
+    if s.ray:
+        return RayWorkers(s.workers, address=s.ray, tls=tls, token=token).start(), False
+    return StaticWorkers(s.worker, token, tls), False
 
 
 def make_drafter(s: ServeSettings, model: Path) -> Drafter | None:

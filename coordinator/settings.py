@@ -27,6 +27,11 @@ class ServeSettings(BaseSettings):
     workers: int | None = Field(None, description="with --ray: how many workers (default: "
                                                   "one per GPU node)")
     token_file: str | None = Field(None, description="the workers' token (with --worker)")
+    tls_cert: str | None = Field(None, description="this coordinator's certificate, for "
+                                                   "workers that use TLS")
+    tls_key: str | None = Field(None, description="its private key")
+    tls_ca: str | None = Field(None, description="the CA that signed the workers' "
+                                                 "certificates")
     ctx: int = Field(4096, description="context per sequence")
     parallel: int = Field(1, description="sequences decoded at once")
     queue_size: int = Field(16, description="requests allowed to wait for a sequence")
