@@ -7,7 +7,9 @@ with `pin` — its own CPU core, to emulate one box per worker on one machine.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,12 @@ START_TIMEOUT_S = 60.0
 # Co-located llama.cpp processes: OpenMP threads spin after every op and starve each
 # other (ANCHORS.md: two 2-thread workers on 2 cores, 14 → 20 tok/s with this).
 SPIN_POLICY = {"GOMP_SPINCOUNT": "10000"}
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the launcher dies, so no worker outlives a killed run."""
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def worker_env() -> dict[str, str]:
@@ -63,7 +71,7 @@ class LocalWorkers:
             cmd += ["--pin", str(self.cores[i])]
         with open(base / f"worker{i}.log", "wb") as log:  # the child keeps its own copy
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env=worker_env())
+                                    env=worker_env(), preexec_fn=_die_with_parent)
 
     def _wait_port(self, i: int) -> int:
         port_file = Path(self._dir.name) / f"port{i}"
