@@ -146,3 +146,13 @@ def write_shape_only(path: Path, spec: ShapeSpec) -> Path:
         offsets = write_gguf(out, _metadata(spec), tensors)
     os.truncate(path, offsets[-1] + tensors[-1].n_bytes)
     return path
+
+
+if __name__ == "__main__":  # python -m tests.qwq_fixture DIR: the fixtures the README plans
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    out.mkdir(parents=True, exist_ok=True)
+    for spec, name in ((QWQ_32B_Q4_K_H, "QwQ-32B.Q4_K_H.gguf"),
+                       (QWEN3_0_6B_Q8_0, "Qwen3-0.6B-Q8_0.gguf")):
+        print(write_shape_only(out / name, spec))
