@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "cluster.plan_cli",
     "worker.commands",
     "coordinator.commands",
+    "coordinator.serve_commands",
+    "coordinator.bench_commands",
 )
 
 

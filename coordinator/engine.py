@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class Engine:
         self.drafters = drafters or [None] * parallel
         self.metrics = metrics or Metrics()
         self._free = list(range(parallel))
+        self._active: set[threading.Event] = set()
         self._waiting = 0
         self._lock = threading.Lock()
         self._slot_freed = threading.Condition(self._lock)
@@ -141,13 +143,28 @@ class Engine:
     def run(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[Event]:
         """The request's events, synchronously; stops early when `cancelled` is set."""
         self.check(request)
-        seq = self._acquire(cancelled)
-        if seq is None:
-            return
+        with self._lock:
+            self._active.add(cancelled)
         try:
-            yield from self._decode(seq, request, cancelled)
+            seq = self._acquire(cancelled)
+            if seq is None:
+                return
+            try:
+                yield from self._decode(seq, request, cancelled)
+            finally:
+                self._release(seq)
         finally:
-            self._release(seq)
+            with self._lock:
+                self._active.discard(cancelled)
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop every request at its next token and wait until every sequence is free."""
+        with self._lock:
+            for cancelled in self._active:
+                cancelled.set()
+            deadline = time.monotonic() + timeout_s
+            while len(self._free) < self.parallel and time.monotonic() < deadline:
+                self._slot_freed.wait(timeout=0.2)
 
     def _decode(self, seq: int, request: GenerationRequest, cancelled: threading.Event
                 ) -> Iterator[Event]:

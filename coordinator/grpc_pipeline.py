@@ -298,6 +298,8 @@ class GrpcPipeline:
             time.sleep(0.01)
 
     def close(self) -> None:
+        # Steps still waiting are lost with the ring (a rebuild replays them).
+        self._fail_all("the ring was closed")
         self._outbox.put(None)
         for call in self._calls:
             call.cancel()

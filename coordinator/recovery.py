@@ -40,8 +40,10 @@ class ResilientPipeline:
         seq = request.seq
         for _ in range(MAX_RECOVERIES):
             epoch, pipeline = self._epoch, self.ring.pipeline
+            if pipeline is None:  # a rebuild is under way: wait for it, then go on
+                self.recover(epoch)
+                continue
             try:
-                assert pipeline is not None
                 if self._synced.get(seq, 0) != epoch:
                     self._replay(seq)
                     self._synced[seq] = epoch

@@ -40,6 +40,7 @@ class RunningCluster:
         return {**info, "model": self.engine.model_name, "parallel": self.engine.parallel}
 
     def close(self) -> None:
+        self.engine.drain()  # requests end before the ring they run on
         for drafter in self.drafters:
             close = getattr(drafter, "close", None)
             if close:
