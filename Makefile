@@ -27,8 +27,7 @@ models: $(STAMP)
 	$(BIN)/specshard models fetch
 
 run: models
-	$(BIN)/specshard generate --stages 2 --max-tokens 96 \
-		--prompt "Write a Python function that checks whether a string is a palindrome."
+	$(BIN)/specshard demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check cluster worker coordinator tests bench
@@ -39,6 +38,8 @@ test: models lint
 
 bench: models
 	$(BIN)/python bench/stage_overhead.py
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/spec.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
