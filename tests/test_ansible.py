@@ -77,6 +77,22 @@ def test_example_inventory_graph() -> None:
     assert set(cluster["children"]) == {"coordinator", "gpu_workers"}
 
 
+def test_argument_specs_document_the_real_defaults() -> None:
+    """Each role's argument spec states the same default as its defaults/main.yml."""
+    import yaml
+
+    for role in sorted((ANSIBLE / "roles").iterdir()):
+        spec_file = role / "meta" / "argument_specs.yml"
+        defaults_file = role / "defaults" / "main.yml"
+        if not spec_file.exists() or not defaults_file.exists():
+            continue
+        options = yaml.safe_load(spec_file.read_text())["argument_specs"]["main"]["options"]
+        defaults = yaml.safe_load(defaults_file.read_text()) or {}
+        for name, value in defaults.items():
+            assert name in options, f"{role.name}: {name} is not in the argument spec"
+            assert options[name].get("default") == value, f"{role.name}: {name} differs"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
