@@ -8,7 +8,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.specshard-installed
 # The RPC backend is what bench/pipeline.py compares against (llama.cpp's own RPC mode).
-export CMAKE_ARGS ?= -DGGML_RPC=ON
+# A portable x86-64 (AVX2) build, not -march=native: on Xeons with AMX, native builds
+# route Q4_K weights through ggml's AMX kernels, and llama_decode segfaults on them in
+# the VMs we test on (docs/build.md). On ARM the x86 flags are ignored.
+LLAMA_CPP_VERSION := 0.3.36
+export CMAKE_ARGS ?= -DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
+	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# pip's wheel cache is keyed by version, not by CMAKE_ARGS: keep our own, keyed by both.
+SPECSHARD_HOME ?= $(HOME)/.cache/specshard
+WHEEL_DIR := $(SPECSHARD_HOME)/wheels/$(shell printf '%s' '$(LLAMA_CPP_VERSION) $(CMAKE_ARGS)' \
+	| sha256sum | cut -c1-12)
 # Co-located llama.cpp processes: OpenMP threads spin after each op and starve each
 # other (ANCHORS.md: 14 → 20 tok/s with this on two 2-thread workers on 2 cores).
 export GOMP_SPINCOUNT ?= 10000
@@ -20,6 +29,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
 $(STAMP): pyproject.toml | $(BIN)/python
+	@ls $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) ($(CMAKE_ARGS)); ~6-9 min on 2 cores"; \
+	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps --progress-bar off \
+	    -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(BIN)/python -m pip install --progress-bar off $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
 	touch $@
 
