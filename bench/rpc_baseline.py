@@ -259,6 +259,9 @@ def decode_main(request: dict[str, Any]) -> dict[str, Any]:
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 1024, 512, 512
     cparams.n_threads = cparams.n_threads_batch = request["threads"]
+    # Our stages run f16 KV without flash attention; the same kernels here make the
+    # tokens comparable (auto would pick flash attention on a CPU and round differently).
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise RuntimeError("llama.cpp could not create a context")

@@ -56,7 +56,9 @@ def main() -> None:
         "bench": "stage_overhead", "model": model.name, "tokens": args.tokens,
         "threads": args.threads, "rounds": args.rounds,
         "one_stage_tok_s": round(one, 2), "two_stage_tok_s": round(two, 2),
-        "ratio": round(two / one, 3), "samples": rates, "machine": machine(),
+        "ratio": round(two / one, 3), "samples": rates,
+        "command": "python " + " ".join(["bench/stage_overhead.py", *sys.argv[1:]]),
+        "machine": machine(),
     }
     text = json.dumps(result, indent=2)
     (Path(__file__).parent / "results" / "stage_overhead.json").write_text(text + "\n")

@@ -9,7 +9,7 @@ import grpc
 from cluster.auth import TlsFiles, call_metadata
 from cluster.errors import SpecshardError
 from cluster.messages import NodeInfo
-from cluster.plan import NodeSpec
+from cluster.plans import NodeSpec
 from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
 from cluster.wire_convert import node_from_wire

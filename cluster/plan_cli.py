@@ -11,7 +11,8 @@ from cluster.auth import read_token
 from cluster.errors import SpecshardError
 from cluster.inventory import node_specs, query_node
 from cluster.model_info import KvType, inspect_model, parse_layers
-from cluster.plan import DEFAULT_MARGIN, GIB, HOST, NodeSpec, Plan, StagePlan, plan
+from cluster.plan import DEFAULT_MARGIN, plan
+from cluster.plans import GIB, HOST, NodeSpec, Plan, StagePlan
 
 _SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)(B?)|B)?\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

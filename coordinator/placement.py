@@ -7,7 +7,8 @@ from pathlib import Path
 from cluster.errors import SpecshardError
 from cluster.inventory import CPU_MARGIN_BYTES, has_gpus, node_specs
 from cluster.messages import LoadSpec, NodeInfo
-from cluster.plan import DEFAULT_MARGIN, Plan, plan
+from cluster.plan import DEFAULT_MARGIN, plan
+from cluster.plans import Plan
 
 
 def plan_ring(model: Path, addresses: list[str], infos: list[NodeInfo], ctx: int,

@@ -13,7 +13,7 @@ from typing import Protocol
 from cluster.auth import TlsFiles
 from cluster.errors import SpecshardError
 from cluster.messages import LoadSpec, NodeInfo
-from cluster.plan import Plan
+from cluster.plans import Plan
 from coordinator.grpc_pipeline import GrpcPipeline, WorkerClient
 from coordinator.metrics import Metrics
 from coordinator.placement import load_specs, plan_ring

@@ -15,7 +15,8 @@ from gguf.constants import GGMLQuantizationType
 from cluster.cli import main
 from cluster.memory_model import compute_bytes, kv_bytes, kv_cells_per_seq, model_shape
 from cluster.model_info import KvType, inspect_model
-from cluster.plan import GIB, NodeSpec, Plan, plan
+from cluster.plan import plan
+from cluster.plans import GIB, NodeSpec, Plan
 from tests.qwq_fixture import QWEN3_0_6B_Q8_0, QWQ_32B_Q4_K_H, write_shape_only
 
 MIB = 1 << 20
