@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
-from cluster.auth import TlsFiles, call_metadata
+from cluster.auth import TlsFiles, call_metadata, split_address
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.messages import Hop, LoadSpec, NodeInfo, Peer, StepRequest, StepResult
 from cluster.sampling import SamplingParams
@@ -82,6 +83,16 @@ class WorkerClient:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def wait_ready(self, timeout_s: float) -> None:
+        # A refused connection will not turn into a worker by waiting: gRPC would retry
+        # with backoff for the whole timeout. Anything else (a box still booting, a slow
+        # route) gets the full wait.
+        host, port = split_address(self.address)
+        try:
+            socket.create_connection((host, port), timeout=min(timeout_s, 5.0)).close()
+        except ConnectionRefusedError:
+            raise WorkerLost(f"worker {self.address} is not reachable") from None
+        except OSError:
+            pass
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
