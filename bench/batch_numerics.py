@@ -12,7 +12,6 @@ position moves, and where the argmax flips. Prints JSON (also bench/results/).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import report  # noqa: E402
 from cluster import models  # noqa: E402
 from cluster.stage_cut import even_split  # noqa: E402
 from coordinator.local_pipeline import LocalPipeline  # noqa: E402
@@ -72,12 +71,8 @@ def main() -> None:
         "margin_move_max": round(max(moves), 4),
         "margin_move_median": round(float(np.median(moves)), 4),
         "argmax_flips": flips,
-        "command": "python " + " ".join(["bench/batch_numerics.py", *sys.argv[1:]]),
-        "machine": machine(),
     }
-    text = json.dumps(result, indent=2)
-    (Path(__file__).parent / "results" / "batch_numerics.json").write_text(text + "\n")
-    print(text)
+    report("batch_numerics", result)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import sys
+from pathlib import Path
 
 import llama_cpp
 
@@ -17,3 +20,15 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
         "gpus": [g.name for g in host.gpus], "gpu_note": host.gpu_error or None,
     }
+
+
+def report(name: str, result: dict[str, object]) -> None:
+    """Add the command and the machine, write bench/results/NAME.json, print it."""
+    script = Path(sys.argv[0])
+    result = {**result, "command": " ".join(["python", f"bench/{script.name}", *sys.argv[1:]]),
+              "machine": machine()}
+    text = json.dumps(result, indent=2)
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.json").write_text(text + "\n")
+    print(text)

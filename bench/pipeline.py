@@ -14,7 +14,6 @@ reported. Prints JSON (also written to bench/results/pipeline.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
-from bench.machine import machine  # noqa: E402
+from bench.machine import report  # noqa: E402
 from bench.rpc_baseline import rpc_decode_tok_s, start_rpc_servers  # noqa: E402
 from cluster import models  # noqa: E402
 from cluster.auth import split_address  # noqa: E402
@@ -38,7 +37,6 @@ from coordinator.launcher import LocalWorkers  # noqa: E402
 from coordinator.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a Python class for an LRU cache with get and put, with docstrings."
-RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 
 
 class TimedRing:
@@ -151,8 +149,6 @@ def main() -> None:
         "hop_ms_p99": round(percentile(hops, 0.99), 3),
         "same_tokens_as_single": {k: v == tokens["single"] for k, v in tokens.items()},
         "samples": {k: [round(x, 2) for x in v] for k, v in rates.items()},
-        "command": "python " + " ".join(["bench/pipeline.py", *sys.argv[1:]]),
-        "machine": machine(),
     }
     if "pipeline_latency" in med:
         result.update({
@@ -161,9 +157,7 @@ def main() -> None:
             "rpc_tok_s_latency": round(med["rpc_latency"], 2),
             "ratio_vs_rpc_latency": round(med["pipeline_latency"] / med["rpc_latency"], 3),
         })
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    report("pipeline", result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ bench/results/spec.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import report  # noqa: E402
 from cluster.errors import SpecshardError  # noqa: E402
 from coordinator.spec_bench import add_arguments, config_from_args, run_bench  # noqa: E402
 
@@ -32,9 +31,7 @@ def main() -> None:
         result = run_bench(config_from_args(args))
     except SpecshardError as exc:
         sys.exit(f"bench/spec.py: {exc}")
-    text = json.dumps({**result.as_dict(), "machine": machine()}, indent=2)
-    (Path(__file__).parent / "results" / "spec.json").write_text(text + "\n")
-    print(text)
+    report("spec", result.as_dict())
 
 
 if __name__ == "__main__":

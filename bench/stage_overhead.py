@@ -9,14 +9,13 @@ median of each is reported. Prints JSON (also written to bench/results/).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import report  # noqa: E402
 from cluster import models  # noqa: E402
 from cluster.sampling import SamplingParams  # noqa: E402
 from cluster.stage_cut import even_split  # noqa: E402
@@ -57,12 +56,8 @@ def main() -> None:
         "threads": args.threads, "rounds": args.rounds,
         "one_stage_tok_s": round(one, 2), "two_stage_tok_s": round(two, 2),
         "ratio": round(two / one, 3), "samples": rates,
-        "command": "python " + " ".join(["bench/stage_overhead.py", *sys.argv[1:]]),
-        "machine": machine(),
     }
-    text = json.dumps(result, indent=2)
-    (Path(__file__).parent / "results" / "stage_overhead.json").write_text(text + "\n")
-    print(text)
+    report("stage_overhead", result)
 
 
 if __name__ == "__main__":

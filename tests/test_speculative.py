@@ -35,9 +35,8 @@ GREEDY = SamplingParams()
 # Top-2 logit margin under which batch-shape rounding may flip the argmax. Measured by
 # `python bench/batch_numerics.py` (bench/results/batch_numerics.json): feeding the same
 # 64 tokens in batches of 5 instead of 1 changes every position's logits (none stays
-# bit-identical; max |Δ| 0.72) and moves the top-2 margin by up to 0.34 (median 0.06);
-# earlier runs on 3 prompts saw up to 0.41, and a whole-prefix prefill flipped a 0.098
-# margin. The 1e-2 is below that noise, so a flip there is not a bug.
+# bit-identical; max |Δ| 0.72) and moves the top-2 margin by up to 0.34 (median 0.06).
+# The 1e-2 is below that noise, so a flip there is not a bug.
 NEAR_TIE = 0.5
 SHORT, LONG = 64, 256
 CODE_PROMPTS = (
