@@ -35,6 +35,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	    -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	$(BIN)/python -m pip install --progress-bar off $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	@# The C eval callback for stage outputs (no compiler: the Python fallback is used).
+	$(BIN)/python -m cluster.llama.capture_build
 	touch $@
 
 models: $(STAMP)

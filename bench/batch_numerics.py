@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import report  # noqa: E402
 from cluster import models  # noqa: E402
+from cluster.messages import Slice  # noqa: E402
 from cluster.stage_cut import even_split  # noqa: E402
-from coordinator.local_pipeline import LocalPipeline  # noqa: E402
+from coordinator.ring.local_ring import LocalRing  # noqa: E402
 from coordinator.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a C function that parses a decimal integer from a string, with overflow checks."
@@ -41,13 +42,20 @@ def main() -> None:
     model = models.fetch(models.DEMO_TARGET, progress=False)
     tokenizer = Tokenizer(model)
     prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": PROMPT}]))
-    stage = LocalPipeline.load(model, even_split(28, 1), n_ctx=1024, n_threads=2).stages[0]
+    stage = LocalRing.load(model, even_split(28, 1), n_ctx=1024, n_threads=2).stages[0]
+
+    def logits(start: int, tokens: list[int], every_row: bool = False) -> list[np.ndarray]:
+        piece = Slice(0, start, tokens, n_draft=len(tokens) - 1 if every_row else 0)
+        out = stage.forward([piece])
+        assert isinstance(out, list)
+        return list(out[0])
+
     one_by_one, tokens = [], []
-    row = stage.forward(0, 0, tokens=np.array(prompt))[-1]
+    row = logits(0, prompt)[-1]
     for i in range(args.tokens):  # logits after prompt + tokens[:i], one token at a time
         tokens.append(int(np.argmax(row)))
         one_by_one.append(row)
-        row = stage.forward(0, len(prompt) + i, tokens=np.array(tokens[-1:]))[-1]
+        row = logits(len(prompt) + i, tokens[-1:])[-1]
     # Verify-shaped batches: [last accepted, next batch−1 tokens], logits for every row.
     # The prompt's last token is fed again so row i predicts the same token as above.
     stage.truncate(0, len(prompt) - 1)
@@ -55,8 +63,7 @@ def main() -> None:
     feed, pos = [prompt[-1], *tokens], len(prompt) - 1
     while len(batched) < args.tokens:
         chunk = feed[len(batched):len(batched) + args.batch]
-        rows = stage.forward(0, pos, tokens=np.array(chunk), logit_rows=list(range(len(chunk))))
-        batched.extend(rows)
+        batched.extend(logits(pos, chunk, every_row=True))
         pos += len(chunk)
     batched = batched[:args.tokens]
     pairs = list(zip(one_by_one, batched, strict=True))

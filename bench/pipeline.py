@@ -17,57 +17,35 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
 from bench.machine import report  # noqa: E402
 from bench.rpc_baseline import rpc_decode_tok_s, start_rpc_servers  # noqa: E402
 from cluster import models  # noqa: E402
 from cluster.auth import split_address  # noqa: E402
-from cluster.messages import LoadSpec, StepRequest, StepResult  # noqa: E402
-from cluster.sampling import SamplingParams  # noqa: E402
 from cluster.stage_cut import even_split  # noqa: E402
-from coordinator.generate import generate  # noqa: E402
-from coordinator.grpc_pipeline import GrpcPipeline  # noqa: E402
-from coordinator.launcher import LocalWorkers  # noqa: E402
+from coordinator.engine.request import GenerationRequest  # noqa: E402
+from coordinator.placement.local import LocalWorkers  # noqa: E402
+from coordinator.ring.builder import build_ring  # noqa: E402
+from coordinator.ring.supervisor import StaticWorkers  # noqa: E402
+from coordinator.service import start_engine  # noqa: E402
+from coordinator.speculation.gamma import FREE_DRAFT  # noqa: E402
 from coordinator.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a Python class for an LRU cache with get and put, with docstrings."
 
 
-class TimedRing:
-    """The ring, with each step's wall time kept to derive time spent between stages."""
-
-    def __init__(self, ring: GrpcPipeline) -> None:
-        self.ring = ring
-        self.step_ms: list[float] = []
-
-    @property
-    def n_ctx(self) -> int:
-        return self.ring.n_ctx
-
-    def step(self, request: StepRequest) -> StepResult:
-        t0 = time.perf_counter()
-        result = self.ring.step(request)
-        self.step_ms.append(1000 * (time.perf_counter() - t0))
-        return result
-
-    def reset(self, seq: int) -> None:
-        self.ring.reset(seq)
-
-    def hop_ms(self) -> list[float]:
-        """Per step: (wall − compute in every worker) ÷ hops (coordinator → … → coordinator).
-
-        Skips the prefill step, whose compute dwarfs the hops."""
-        per_worker = list(self.ring.times.stage_ms.values())
-        n = min(len(self.step_ms), *(len(s) for s in per_worker))
-        hops = len(per_worker) + 1
-        return [(self.step_ms[-n + i] - sum(s[-n + i] for s in per_worker)) / hops
-                for i in range(1, n)]
+def hop_ms(timings: list, n_workers: int) -> list[float]:  # type: ignore[type-arg]
+    """Per decode step: (wall − compute in every worker) ÷ hops (coordinator → … →
+    coordinator). Skips the prompt's batch, whose compute dwarfs the hops."""
+    hops = n_workers + 1
+    return [(t.wall_ms - sum(t.stage_ms.values())) / hops for t in timings[1:]
+            if len(t.stage_ms) == n_workers]
 
 
 def proxied(stack: ExitStack, addresses: list[str], latency_ms: float) -> list[str]:
@@ -77,17 +55,19 @@ def proxied(stack: ExitStack, addresses: list[str], latency_ms: float) -> list[s
             for a in addresses]
 
 
-def ring_rate(model: Path, workers: LocalWorkers, prompt: list[int], n_tokens: int,
-              latency_ms: float) -> tuple[float, list[float], list[int]]:
+def ring_rate(model: Path, tokenizer: Tokenizer, workers: LocalWorkers, prompt: list[int],
+              n_tokens: int, latency_ms: float) -> tuple[float, list[float], list[int]]:
+    """One greedy generation through the engine (the scheduler with one sequence)."""
     with ExitStack() as stack:
         addresses = proxied(stack, workers.addresses, latency_ms)
-        ring = GrpcPipeline(addresses, token=workers.token)
-        stack.callback(ring.close)
-        ring.load([LoadSpec(str(model), s.begin, s.end, n_ctx=1024, n_threads=1)
-                   for s in even_split(28, len(addresses))])
-        timed = TimedRing(ring)
-        out = generate(timed, prompt, n_tokens, SamplingParams(), lambda _t: False)
-        return out.stats.tok_s, timed.hop_ms(), out.tokens
+        built = build_ring(model, workers=StaticWorkers(addresses, workers.token, None),
+                           ctx=1024, threads=1, split=even_split(28, len(addresses)))
+        stack.callback(built.close)
+        engine = start_engine(built, tokenizer, "bench", costs=FREE_DRAFT)
+        stack.callback(engine.close)
+        out = engine.generate(GenerationRequest(prompt, n_tokens, ignore_eos=True))
+        return out.stats.tok_s, hop_ms(list(engine.core.timings), len(addresses)), \
+            out.tokens
 
 
 def rpc_rate(model: Path, endpoints: list[str], prompt: list[int], n_tokens: int,
@@ -130,7 +110,7 @@ def main() -> None:
             for latency in latencies:
                 tag = "" if latency == 0 else "_latency"
                 rate, hop, tokens["pipeline" + tag] = ring_rate(
-                    model, workers, prompt, args.tokens, latency)
+                    model, tokenizer, workers, prompt, args.tokens, latency)
                 rates.setdefault("pipeline" + tag, []).append(rate)
                 if latency == 0:
                     hops += hop

@@ -1,16 +1,24 @@
-"""llama.cpp's own RPC mode, the baseline our gRPC pipeline is compared with (ANCHORS.md).
+"""llama.cpp itself, the baseline we are compared with (ANCHORS.md): one process, or its
+RPC mode with every layer on rpc-servers.
 
 `start_rpc_servers` runs N rpc-servers (bench/rpc_server_child.py), one per core, the way
-our workers are pinned; `rpc_decode_tok_s` loads the model over them in a fresh process,
-as `llama-cli --rpc` would, and measures greedy decode the way coordinator/generate.py
-does: (tokens − 1) ÷ (first generated token → last generated token).
+our workers are pinned. `run_llama` loads the model in a fresh process (over the servers
+when given endpoints, as `llama-cli --rpc` would) and runs workloads there:
 
-The decode process runs `python -m bench.rpc_baseline REQUEST RESULT` (JSON files).
+- `Prefill`: one prompt fed in n_batch-sized `llama_decode` calls; time to first token.
+- `Decode`: one sequence, greedy, one token per `llama_decode`, measured the way
+  coordinator/engine/generate.py does: (tokens − 1) ÷ (first → last generated token).
+- `Batched`: S sequences (seq ids 0..S−1) prefilled one after the other, then every
+  decode step is ONE `llama_decode` with one row per sequence, as llama-server batches
+  its slots; KV unified across sequences, llama-server's default when it runs several
+  slots (tools/server/server.cpp: n_parallel auto → 4 slots and kv_unified = true).
+
+`rpc_decode_tok_s` is `Decode` with bench/pipeline.py's keys. The process itself is
+bench/llama_baseline.py (`python -m bench.llama_baseline REQUEST RESULT`, JSON files).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -19,22 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-import numpy as np
-
-from bench.rpc_server_child import LIB_DIR
 from cluster.gguf_file import read_header
 from cluster.model_info import model_info
-from coordinator.launcher import worker_env
+from coordinator.placement.local import worker_env
 
 START_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
-DECODE_TIMEOUT_S = 900.0  # loading sends every weight over the socket: seconds per GB
-LLAMA_SPLIT_MODE_LAYER = 1  # llama.h: enum llama_split_mode
+RUN_TIMEOUT_S = 900.0  # loading sends every weight over the socket: seconds per GB
 _ROOT = Path(__file__).resolve().parent.parent  # children run `-m bench.…` from here
 _BUFFER_LINE = re.compile(r"(\S+) model buffer size =\s*([\d.]+) MiB")
 
@@ -61,7 +65,7 @@ class RpcServers:
         self.stop()
 
 
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     """SIGTERM, then SIGKILL whatever still runs after STOP_GRACE_S."""
     for proc in procs:
         if proc.poll() is None:
@@ -146,129 +150,107 @@ def layer_weights(n_layer: int, n_devices: int) -> list[float]:
     return [b - a for a, b in zip([0.0, *bounds[:-1]], bounds, strict=True)]
 
 
-def rpc_decode_tok_s(model_path: Path, endpoints: list[str], prompt_tokens: list[int],
-                     n_tokens: int, threads_main: int = 1,
-                     cpus: list[int] | None = None) -> dict[str, Any]:
-    """Greedy-decode n_tokens with every layer on the rpc-servers at `endpoints`.
+@dataclass(frozen=True)
+class _Workload:
+    # kw_only: after each workload's own positional fields. llama-server defaults to
+    # -b 2048 -ub 512 (common/common.h); 512 for both makes each llama_decode call of a
+    # prefill one ubatch, the unit the ttft is measured in.
+    n_batch: int = field(default=512, kw_only=True)
+    n_ubatch: int = field(default=512, kw_only=True)
+    margins: bool = field(default=False, kw_only=True)  # top-2 logit gap per token; slower
 
-    Runs in a fresh process pinned to `cpus` (llama.cpp's RPC registry is process-global
-    and never forgets a server). With no endpoints it is a plain single-process CPU run:
-    the reference the RPC tokens must equal. Returns rpc_tok_s, prompt_tok_s, tokens and
-    model_buffers_mib (llama.cpp's own report of where the weights went).
+
+@dataclass(frozen=True)
+class Prefill(_Workload):
+    prompt: list[int]
+
+
+@dataclass(frozen=True)
+class Decode(_Workload):
+    prompt: list[int]
+    n_tokens: int  # generated, the one the prefill computes included
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1:
+            raise ValueError("n_tokens counts the prefill's token: at least 1")
+
+
+@dataclass(frozen=True)
+class Batched(_Workload):
+    prompts: list[list[int]]  # sequence i is prompts[i]
+    n_tokens: int  # per sequence, the one its prefill computes included
+    kv_unified: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.prompts) <= self.n_batch:  # a step holds a row per sequence
+            raise ValueError(f"1..n_batch sequences, not {len(self.prompts)}")
+        if self.n_tokens < 1:
+            raise ValueError("n_tokens counts the prefill's token: at least 1")
+
+
+Workload = Prefill | Decode | Batched
+WORKLOADS: dict[str, type[Prefill] | type[Decode] | type[Batched]] = {
+    "prefill": Prefill, "decode": Decode, "batched": Batched}
+
+
+def run_llama(model_path: Path, workloads: Sequence[Workload], endpoints: Sequence[str] = (),
+              threads: int = 1, cpus: list[int] | None = None) -> dict[str, Any]:
+    """Load the model once in a fresh process pinned to `cpus`; run `workloads` in order.
+
+    A fresh process because llama.cpp's RPC registry is process-global and never forgets
+    a server, and pinning must precede its threads. With no endpoints it is a plain
+    single-process CPU run, the reference the RPC tokens must equal. Each workload gets
+    its own context. Returns {"results": one dict per workload (bench/llama_baseline.py
+    `run_workload`), "model_buffers_mib": llama.cpp's report of where the weights went}.
     """
-    request = {"model": str(model_path), "endpoints": endpoints, "prompt": prompt_tokens,
-               "n_tokens": n_tokens, "threads": threads_main, "cpus": cpus,
-               "n_layer": model_info(read_header(Path(model_path))).n_layer}
-    with tempfile.TemporaryDirectory(prefix="specshard-rpc-decode-") as tmp:
+    kinds = {cls: kind for kind, cls in WORKLOADS.items()}
+    request = {"model": str(model_path), "endpoints": list(endpoints), "threads": threads,
+               "cpus": cpus, "n_layer": model_info(read_header(Path(model_path))).n_layer,
+               "workloads": [{"kind": kinds[type(w)], **asdict(w)} for w in workloads]}
+    with tempfile.TemporaryDirectory(prefix="specshard-llama-") as tmp:
         req, res, log = (Path(tmp) / name for name in ("request.json", "result.json", "log"))
         req.write_text(json.dumps(request))
-        cmd = [sys.executable, "-m", "bench.rpc_baseline", str(req), str(res)]
+        cmd = [sys.executable, "-m", "bench.llama_baseline", str(req), str(res)]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     env=worker_env(), cwd=_ROOT)
             try:
-                proc.wait(timeout=DECODE_TIMEOUT_S)
-            finally:
+                proc.wait(timeout=RUN_TIMEOUT_S)
+            finally:  # also on a timeout or an interrupt
                 stop_processes([proc])
         text = log.read_text(errors="replace")
         if proc.returncode != 0 or not res.exists():
             tail = " | ".join(text.strip().splitlines()[-5:])
-            raise RuntimeError(f"decode process failed ({proc.returncode}): {tail}")
-        result: dict[str, Any] = json.loads(res.read_text())
-    result["model_buffers_mib"] = {m[1]: float(m[2]) for m in _BUFFER_LINE.finditer(text)}
-    return result
+            raise RuntimeError(f"llama.cpp process failed ({proc.returncode}): {tail}")
+        results: list[dict[str, Any]] = json.loads(res.read_text())
+    return {"results": results,
+            "model_buffers_mib": {m[1]: float(m[2]) for m in _BUFFER_LINE.finditer(text)}}
 
 
-# --- the decode process --------------------------------------------------------------
+def rpc_decode_tok_s(model_path: Path, endpoints: list[str], prompt_tokens: list[int],
+                     n_tokens: int, threads_main: int = 1,
+                     cpus: list[int] | None = None) -> dict[str, Any]:
+    """Greedy-decode n_tokens with every layer on the rpc-servers at `endpoints` (none:
+    one process). Returns rpc_tok_s, prompt_tok_s, tokens and model_buffers_mib."""
+    out = run_llama(model_path, [Decode(prompt_tokens, n_tokens)], endpoints,
+                    threads_main, cpus)
+    result = out["results"][0]
+    return {"rpc_tok_s": result["decode_tok_s"], "prompt_tok_s": result["prompt_tok_s"],
+            "tokens": result["tokens"], "model_buffers_mib": out["model_buffers_mib"]}
 
 
-def _ggml() -> ctypes.CDLL:
-    ggml = ctypes.CDLL(str(LIB_DIR / "libggml.so"))
-    ggml.ggml_backend_reg_by_name.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p
-    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_register.restype = None
-    ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    return ggml
+def first_difference(reference: list[int], other: list[int],
+                     margins: list[float]) -> dict[str, Any] | None:
+    """Where `other` first leaves `reference`, with reference's top-2 logit gap there.
 
-
-def rpc_devices(endpoints: list[str]) -> list[int]:
-    """Register the servers as common/arg.cpp's `--rpc` does; return their devices."""
-    ggml = _ggml()
-    rpc_reg = ggml.ggml_backend_reg_by_name(b"RPC")
-    address = ggml.ggml_backend_reg_get_proc_address(rpc_reg, b"ggml_backend_rpc_add_server")
-    if not rpc_reg or not address:
-        raise RuntimeError("this llama.cpp build has no RPC backend")
-    add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(address)
-    devices = []
-    for endpoint in endpoints:
-        reg = add_server(endpoint.encode())
-        if not reg:
-            raise RuntimeError(f"rpc-server {endpoint} reports no devices")
-        ggml.ggml_backend_register(reg)
-        devices += [ggml.ggml_backend_reg_dev_get(reg, i)
-                    for i in range(ggml.ggml_backend_reg_dev_count(reg))]
-    return devices
-
-
-def greedy_decode(ctx: Any, model: Any, prompt: list[int], n_tokens: int) -> dict[str, Any]:
-    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-
-    def step(tokens: list[int]) -> int:
-        array = (llama_cpp.llama_token * len(tokens))(*tokens)
-        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(array, len(tokens))):
-            raise RuntimeError("llama_decode failed")
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), (n_vocab,))
-        return int(np.argmax(logits))
-
-    t0 = time.perf_counter()
-    out = [step(prompt)]
-    t_first = time.perf_counter()
-    decode_s = 0.0
-    while len(out) < n_tokens:
-        out.append(step(out[-1:]))
-        decode_s = time.perf_counter() - t_first
-    return {"rpc_tok_s": (len(out) - 1) / decode_s if decode_s > 0 else 0.0,
-            "prompt_tok_s": len(prompt) / (t_first - t0), "tokens": out}
-
-
-def decode_main(request: dict[str, Any]) -> dict[str, Any]:
-    if request["cpus"]:  # before llama.cpp starts threads, which inherit it
-        os.sched_setaffinity(0, set(request["cpus"]))
-    llama_cpp.llama_backend_init()
-    devices = rpc_devices(request["endpoints"])
-    mparams = llama_cpp.llama_model_default_params()
-    if devices:
-        dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
-        split = (ctypes.c_float * llama_cpp.llama_max_devices())(
-            *layer_weights(request["n_layer"], len(devices)))
-        mparams.devices = ctypes.addressof(dev_array)
-        mparams.n_gpu_layers = 999
-        mparams.split_mode = LLAMA_SPLIT_MODE_LAYER
-        mparams.tensor_split = split
-    else:
-        mparams.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(request["model"].encode(), mparams)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {request['model']}")
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 1024, 512, 512
-    cparams.n_threads = cparams.n_threads_batch = request["threads"]
-    # Our stages run f16 KV without flash attention; the same kernels here make the
-    # tokens comparable (auto would pick flash attention on a CPU and round differently).
-    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise RuntimeError("llama.cpp could not create a context")
-    return greedy_decode(ctx, model, request["prompt"], request["n_tokens"])
-
-
-if __name__ == "__main__":
-    req_path, res_path = map(Path, sys.argv[1:3])
-    result = decode_main(json.loads(req_path.read_text()))
-    res_path.write_text(json.dumps(result))
+    llama.cpp's kernels are not batch-invariant: another batch shape may flip a near
+    tie, and the gap (`margins` of the reference run) says whether a difference is one.
+    """
+    for i, (a, b) in enumerate(zip(reference, other, strict=False)):
+        if a != b:
+            return {"index": i, "reference": a, "other": b,
+                    "gap": margins[i] if margins else None}
+    if len(reference) != len(other):
+        return {"index": min(len(reference), len(other)), "reference": None, "other": None,
+                "gap": None}
+    return None

@@ -3,7 +3,7 @@
     python bench/spec.py [--inprocess] [--tokens 128] [--gammas 4 8] [--profile 2x4070]
 
 Greedy, fixed code prompts, 2 local gRPC workers by default. The measuring lives in
-`coordinator/spec_bench.py` (also `specshard bench spec`). Prints JSON (also written to
+`coordinator/commands/spec_bench.py` (also `specshard bench spec`). Prints JSON (also written to
 bench/results/spec.json).
 """
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import report  # noqa: E402
 from cluster.errors import SpecshardError  # noqa: E402
-from coordinator.spec_bench import add_arguments, config_from_args, run_bench  # noqa: E402
+from coordinator.commands.spec_bench import add_arguments, config_from_args, run_bench  # noqa: E402
 
 
 def main() -> None:

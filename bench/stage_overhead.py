@@ -17,19 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import report  # noqa: E402
 from cluster import models  # noqa: E402
-from cluster.sampling import SamplingParams  # noqa: E402
-from cluster.stage_cut import even_split  # noqa: E402
-from coordinator.generate import generate  # noqa: E402
-from coordinator.local_pipeline import LocalPipeline  # noqa: E402
+from coordinator.engine.frontend import Engine  # noqa: E402
+from coordinator.engine.request import GenerationRequest  # noqa: E402
+from coordinator.ring.builder import build_ring  # noqa: E402
+from coordinator.service import start_engine  # noqa: E402
+from coordinator.speculation.gamma import FREE_DRAFT  # noqa: E402
 from coordinator.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = "Write a Python function that parses an ISO 8601 date string without libraries."
 
 
-def decode_rate(pipeline: LocalPipeline, prompt: list[int], n_tokens: int) -> float:
-    never_end = lambda _token: False  # noqa: E731 — fixed length for a fair rate
-    result = generate(pipeline, prompt, n_tokens, SamplingParams(), never_end)
-    pipeline.reset(0)
+def decode_rate(engine: Engine, prompt: list[int], n_tokens: int) -> float:
+    result = engine.generate(GenerationRequest(prompt, n_tokens, ignore_eos=True))
     return result.stats.tok_s
 
 
@@ -42,14 +41,18 @@ def main() -> None:
     model = models.fetch(models.DEMO_TARGET, progress=False)
     tokenizer = Tokenizer(model)
     prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": PROMPT}]))
-    pipelines = {n: LocalPipeline.load(model, even_split(28, n), n_ctx=1024,
-                                       n_threads=args.threads) for n in (1, 2)}
+    rings = {n: build_ring(model, stages=n, ctx=1024, threads=args.threads) for n in (1, 2)}
+    engines = {n: start_engine(ring, tokenizer, "bench", costs=FREE_DRAFT)
+               for n, ring in rings.items()}
     rates: dict[int, list[float]] = {1: [], 2: []}
     for n in (1, 2):  # warm-up: first decode pays page faults and repacking
-        decode_rate(pipelines[n], prompt, 8)
+        decode_rate(engines[n], prompt, 8)
     for _ in range(args.rounds):
         for n in (1, 2):
-            rates[n].append(decode_rate(pipelines[n], prompt, args.tokens))
+            rates[n].append(decode_rate(engines[n], prompt, args.tokens))
+    for n in (1, 2):
+        engines[n].close()
+        rings[n].close()
     one, two = statistics.median(rates[1]), statistics.median(rates[2])
     result = {
         "bench": "stage_overhead", "model": model.name, "tokens": args.tokens,

@@ -17,11 +17,11 @@ from cluster.errors import SpecshardError
 
 COMMAND_MODULES = (
     "cluster.model_commands",
-    "cluster.plan_cli",
+    "cluster.planning.cli",
     "worker.commands",
-    "coordinator.commands",
-    "coordinator.serve_commands",
-    "coordinator.bench_commands",
+    "coordinator.commands.generate",
+    "coordinator.commands.serve",
+    "coordinator.commands.bench",
 )
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.verbose < 2:
-        logging.getLogger("worker.stage").setLevel(max(level, logging.WARNING))
+        logging.getLogger("cluster.llama.stage").setLevel(max(level, logging.WARNING))
     try:
         return int(args.handler(args) or 0)
     except SpecshardError as exc:

@@ -15,24 +15,24 @@ from cluster.sampling import SamplingParams, SparseDist
 
 
 @dataclass(frozen=True)
-class StepRequest:
-    """One pass down the pipeline for one sequence.
+class Slice:
+    """One sequence's rows in a batch: contiguous positions start .. end − 1.
 
-    `tokens` is the prompt (prefill) or `[last token, d1..dγ]`; the last `n_draft` of
-    them are draft guesses for the last worker to verify. `start` is the position of
-    tokens[0]: each stage first drops whatever it holds from `start` on, which is how
-    the previous step's rejected guesses leave every KV cache.
+    `tokens` are the sequence's tokens not yet in the KV caches (the last one decided,
+    or a chunk of the prompt) followed by `n_draft` draft guesses. Each stage first drops
+    whatever it holds of `seq` from `start` on, which is how the previous step's rejected
+    guesses leave every KV cache; a slice without tokens does only that.
     """
 
     seq: int
     start: int
     tokens: list[int]
-    sampling: SamplingParams
+    sampling: SamplingParams = SamplingParams()
     n_draft: int = 0
     draft_dists: list[SparseDist] = field(default_factory=list)
-    step_seed: int = 0  # the last worker's rng for this step: same seed, same tokens
-    step_id: int = 0
-    return_logits: bool = False  # the verdict carries the logits rows it was made from
+    step_seed: int = 0  # the last worker's rng for this slice: same seed, same tokens
+    judge: bool = True  # the last worker verifies and answers (False: a prompt chunk)
+    return_logits: bool = False  # the answer carries the judged rows' logits
 
     @property
     def end(self) -> int:
@@ -42,21 +42,59 @@ class StepRequest:
     def draft(self) -> list[int]:
         return self.tokens[len(self.tokens) - self.n_draft:] if self.n_draft else []
 
+    @property
+    def judged_rows(self) -> list[int]:
+        """Rows (within the slice) whose logits the verdict needs: the last pending
+        token's and every guess's."""
+        if not self.judge or not self.tokens:
+            return []
+        n = len(self.tokens)
+        return list(range(n - self.n_draft - 1, n))
+
 
 @dataclass(frozen=True)
-class StepResult:
-    """What the last worker sends back: accepted guesses plus one token of its own."""
+class Batch:
+    """A micro-batch: the rows of several sequences, computed together by every stage."""
+
+    batch_id: int
+    slices: list[Slice]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(s.tokens) for s in self.slices)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [s.seq for s in self.slices]
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    """The last worker's verdict on one judged slice: accepted guesses plus one token."""
 
     seq: int
-    step_id: int
     accepted: list[int]
     next_token: int
     top2_gaps: list[float]  # target logit margin of each emitted token: near-tie evidence
-    logits: np.ndarray | None = None  # rows × n_vocab, when the request asked for them
+    logits: np.ndarray | None = None  # judged rows × n_vocab, when the slice asked
 
     @property
     def tokens(self) -> list[int]:
         return [*self.accepted, self.next_token]
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: int
+    results: list[SeqResult]  # one per judged slice, in slice order
+
+
+@dataclass(frozen=True)
+class Activations:
+    """A batch as it travels down the ring: hidden states after stage 0 (f32 rows)."""
+
+    batch: Batch
+    hidden: np.ndarray | None = None  # Σ rows × n_embd, f32 (None into the first stage)
 
 
 @dataclass(frozen=True)
@@ -93,21 +131,9 @@ class LoadUpdate:
 
 
 @dataclass(frozen=True)
-class Hop:
-    """A step as it travels down the ring: the request, plus hidden states after stage 0.
-
-    `cancel` drops everything the sequence holds from `request.start` on, in order with
-    the steps around it (how a finished or abandoned sequence is freed).
-    """
-
-    request: StepRequest
-    hidden: np.ndarray | None = None  # n_tokens × n_embd, f32
-    cancel: bool = False
-
-
-@dataclass(frozen=True)
 class NodeInfo:
     host: HostInfo
     versions: dict[str, str]
     stage: LoadSpec | None = None
     model_n_layer: int = 0
+    capture: str = ""  # how the stage's output is read: "c", "python", or "" (last stage)

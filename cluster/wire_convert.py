@@ -10,13 +10,36 @@ import numpy as np
 
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.hardware import GpuInfo, HostInfo
-from cluster.messages import Hop, LoadSpec, LoadUpdate, NodeInfo, Peer, StepRequest, StepResult
+from cluster.messages import (
+    Activations,
+    Batch,
+    BatchResult,
+    LoadSpec,
+    LoadUpdate,
+    NodeInfo,
+    Peer,
+    SeqResult,
+    Slice,
+)
 from cluster.sampling import SamplingParams, SparseDist
 from cluster.wire import worker_pb2 as pb
 
-# gRPC's default receive limit is 4 MiB; chunks stay well under it with the metadata.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Hidden states travel in chunks of CHUNK_BYTES (a 512-row QwQ batch is 10 MB of f32).
+# Every channel and server of the ring uses MESSAGE_LIMIT for sending and receiving:
+# one limit, so no message one side may send is refused by the other. It also bounds
+# what a reply may carry: the judged rows' logits when a test or logprobs ask for them
+# (600 KB a row at a 152k vocabulary; `max_logit_rows`).
 CHUNK_BYTES = 3 * 1024 * 1024
+MESSAGE_LIMIT = 64 * 1024 * 1024
+MAX_CHUNKS = 64  # 192 MiB of hidden states: far past any batch (n_batch ≤ 4096 rows)
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT)]
+
+
+def max_logit_rows(n_vocab: int) -> int:
+    """Rows of logits one reply may carry under MESSAGE_LIMIT (headroom for the rest)."""
+    return max((MESSAGE_LIMIT - (1 << 20)) // (4 * max(n_vocab, 1)), 1)
 _DTYPES: dict[int, np.dtype] = {
     pb.HIDDEN_DTYPE_F32: np.dtype("<f4"), pb.HIDDEN_DTYPE_F16: np.dtype("<f2")}
 
@@ -24,7 +47,9 @@ _DTYPES: dict[int, np.dtype] = {
 # --- sampling -------------------------------------------------------------------------
 
 def sampling_to_wire(params: SamplingParams) -> pb.Sampling:
-    return pb.Sampling(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    # top_k is uint32 on the wire; any k past the vocabulary means no filter, as 0 does.
+    return pb.Sampling(temperature=params.temperature, top_k=min(params.top_k, 2**32 - 1),
+                       top_p=params.top_p)
 
 
 def sampling_from_wire(msg: pb.Sampling) -> SamplingParams:
@@ -48,128 +73,143 @@ def dist_from_wire(msg: pb.SparseDist) -> SparseDist:
     return SparseDist(ids, probs)
 
 
-# --- steps ----------------------------------------------------------------------------
+# --- batches -------------------------------------------------------------------------
 
-def hop_to_wire(hop: Hop, f16: bool = False) -> list[pb.ForwardMessage]:
-    """One step as messages: the first carries everything, more chunks carry bytes only."""
-    r = hop.request
-    head = pb.ForwardMessage(
-        seq=r.seq, step_id=r.step_id,
-        positions=list(range(r.start, r.end)) if r.tokens else [r.start],
-        tokens=r.tokens, n_draft=r.n_draft, draft_dists=[dist_to_wire(d) for d in
-                                                          r.draft_dists],
-        sampling=sampling_to_wire(r.sampling), step_seed=r.step_seed, cancel=hop.cancel,
-        return_logits=r.return_logits, n_chunks=1)
-    if hop.hidden is None:
+def slice_to_wire(s: Slice) -> pb.Slice:
+    return pb.Slice(seq=s.seq, start=s.start, tokens=s.tokens, n_draft=s.n_draft,
+                    draft_dists=[dist_to_wire(d) for d in s.draft_dists],
+                    sampling=sampling_to_wire(s.sampling), step_seed=s.step_seed,
+                    judge=s.judge, return_logits=s.return_logits)
+
+
+def slice_from_wire(msg: pb.Slice) -> Slice:
+    n = len(msg.tokens)
+    if n and msg.n_draft >= n:
+        raise InvalidForward(f"{msg.n_draft} draft guesses in a slice of {n} tokens")
+    if not n and (msg.n_draft or msg.draft_dists or msg.judge):
+        raise InvalidForward(f"an empty slice of sequence {msg.seq} only truncates: "
+                             "no guesses, no verdict")
+    dists = [dist_from_wire(d) for d in msg.draft_dists]
+    if dists and len(dists) != msg.n_draft:
+        raise InvalidForward(f"{len(dists)} draft distributions for {msg.n_draft} guesses")
+    sampling = sampling_from_wire(msg.sampling)
+    if msg.judge and not sampling.greedy and len(dists) != msg.n_draft:
+        raise InvalidForward("sampled verification needs the draft's distributions")
+    return Slice(seq=msg.seq, start=msg.start, tokens=list(msg.tokens), sampling=sampling,
+                 n_draft=msg.n_draft, draft_dists=dists, step_seed=msg.step_seed,
+                 judge=msg.judge, return_logits=msg.return_logits)
+
+
+def batch_to_wire(acts: Activations, f16: bool = False) -> list[pb.ForwardMessage]:
+    """One batch as messages: the first carries the slices, more chunks carry bytes only."""
+    b = acts.batch
+    head = pb.ForwardMessage(batch_id=b.batch_id, slices=[slice_to_wire(s) for s in b.slices],
+                             n_chunks=1)
+    if acts.hidden is None:
         return [head]
     dtype = _DTYPES[pb.HIDDEN_DTYPE_F16 if f16 else pb.HIDDEN_DTYPE_F32]
-    data = np.ascontiguousarray(hop.hidden, dtype=dtype).tobytes()
+    data = np.ascontiguousarray(acts.hidden, dtype=dtype).tobytes()
     head.dtype = pb.HIDDEN_DTYPE_F16 if f16 else pb.HIDDEN_DTYPE_F32
-    head.n_embd = hop.hidden.shape[1]
-    pieces = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+    head.n_embd = acts.hidden.shape[1]
+    if len(data) <= CHUNK_BYTES:
+        head.hidden = data
+        return [head]
+    pieces = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
     head.n_chunks = len(pieces)
     head.hidden = pieces[0]
-    rest = [pb.ForwardMessage(seq=r.seq, step_id=r.step_id, hidden=piece, chunk_index=i,
+    rest = [pb.ForwardMessage(batch_id=b.batch_id, hidden=piece, chunk_index=i,
                               n_chunks=len(pieces))
             for i, piece in enumerate(pieces[1:], start=1)]
     return [head, *rest]
 
 
-class HopAssembler:
-    """Turns the messages of one upstream stream back into hops (chunks in order)."""
+class BatchAssembler:
+    """Turns the messages of one upstream stream back into batches (chunks in order)."""
 
     def __init__(self) -> None:
         self._head: pb.ForwardMessage | None = None
         self._pieces: list[bytes] = []
 
-    def add(self, msg: pb.ForwardMessage) -> Hop | None:
+    def add(self, msg: pb.ForwardMessage) -> Activations | None:
         if self._head is None:
             if msg.chunk_index != 0:
-                raise InvalidForward(f"chunk {msg.chunk_index} of step {msg.step_id} "
+                raise InvalidForward(f"chunk {msg.chunk_index} of batch {msg.batch_id} "
                                      "arrived without its first chunk")
+            if msg.n_chunks > MAX_CHUNKS:
+                raise InvalidForward(f"{msg.n_chunks} chunks: at most {MAX_CHUNKS}")
             self._head, self._pieces = msg, [msg.hidden]
         else:
             head = self._head
-            if (msg.seq, msg.step_id, msg.chunk_index) != \
-                    (head.seq, head.step_id, len(self._pieces)):
-                self._head = None
-                raise InvalidForward(f"chunks of step {head.step_id} out of order")
+            if (msg.batch_id, msg.chunk_index) != (head.batch_id, len(self._pieces)) \
+                    or msg.slices:
+                self._head, self._pieces = None, []
+                raise InvalidForward(f"chunks of batch {head.batch_id} out of order")
             self._pieces.append(msg.hidden)
         if len(self._pieces) < max(self._head.n_chunks, 1):
             return None
-        head, data = self._head, b"".join(self._pieces)
+        head, pieces = self._head, self._pieces
         self._head, self._pieces = None, []
-        return hop_from_wire(head, data)
+        return batch_from_wire(head, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    @property
+    def pending(self) -> int | None:
+        """The batch whose chunks are still arriving, if any."""
+        return self._head.batch_id if self._head is not None else None
 
 
-def hop_from_wire(msg: pb.ForwardMessage, data: bytes) -> Hop:
-    positions = list(msg.positions)
-    if not positions:
-        raise InvalidForward("a forward message needs positions")
-    start = positions[0]
-    if start < 0:
-        raise InvalidForward(f"negative position {start}")
-    request = StepRequest(seq=msg.seq, start=start, tokens=list(msg.tokens),
-                          sampling=sampling_from_wire(msg.sampling), n_draft=msg.n_draft,
-                          step_seed=msg.step_seed, step_id=msg.step_id,
-                          return_logits=msg.return_logits)
-    if msg.cancel:
-        return Hop(request, cancel=True)
-    if positions != list(range(start, start + len(positions))):
-        raise InvalidForward("positions must be contiguous and increasing")
-    if len(msg.tokens) != len(positions):
-        raise InvalidForward(f"{len(msg.tokens)} tokens for {len(positions)} positions")
-    if msg.n_draft >= len(positions):
-        raise InvalidForward(f"{msg.n_draft} draft guesses in a batch of {len(positions)}")
-    dists = [dist_from_wire(d) for d in msg.draft_dists]
-    if dists and len(dists) != msg.n_draft:
-        raise InvalidForward(f"{len(dists)} draft distributions for {msg.n_draft} guesses")
-    if not request.sampling.greedy and len(dists) != msg.n_draft:
-        raise InvalidForward("sampled verification needs the draft's distributions")
-    request = StepRequest(**{**request.__dict__, "draft_dists": dists})
-    return Hop(request, hidden=_hidden_from_wire(msg, data, len(positions)))
+def batch_from_wire(msg: pb.ForwardMessage, data: bytes) -> Activations:
+    if not msg.slices:  # the engine never sends one; it would travel the ring for nothing
+        raise InvalidForward(f"batch {msg.batch_id} has no slices")
+    slices = [slice_from_wire(s) for s in msg.slices]
+    batch = Batch(batch_id=msg.batch_id, slices=slices)
+    return Activations(batch, hidden=_hidden_from_wire(msg, data, batch.n_rows))
 
 
-def _hidden_from_wire(msg: pb.ForwardMessage, data: bytes, n_tokens: int
-                      ) -> np.ndarray | None:
+def _hidden_from_wire(msg: pb.ForwardMessage, data: bytes, n_rows: int) -> np.ndarray | None:
     if not data and not msg.n_embd:
         return None
     dtype = _DTYPES.get(msg.dtype)
     if dtype is None:
         raise InvalidForward(f"unknown hidden-state dtype {msg.dtype}")
-    want = n_tokens * msg.n_embd * dtype.itemsize
+    want = n_rows * msg.n_embd * dtype.itemsize
     if msg.n_embd == 0 or len(data) != want:
-        raise InvalidForward(f"hidden states are {len(data)} bytes; {n_tokens} tokens × "
+        raise InvalidForward(f"hidden states are {len(data)} bytes; {n_rows} rows × "
                              f"{msg.n_embd} × {dtype.itemsize} bytes = {want}")
-    return np.frombuffer(data, dtype=dtype).astype(np.float32).reshape(n_tokens, msg.n_embd)
+    rows = np.frombuffer(data, dtype=dtype).reshape(n_rows, msg.n_embd)
+    return rows if dtype == np.float32 else rows.astype(np.float32)
 
 
-def result_to_wire(result: StepResult, stage_ms: float) -> pb.ForwardReply:
-    msg = pb.StepResult(accepted=result.accepted, next_token=result.next_token,
-                        top2_gaps=result.top2_gaps)
-    if result.logits is not None:
-        msg.logits = np.ascontiguousarray(result.logits, dtype="<f4").tobytes()
-        msg.n_vocab = result.logits.shape[1]
-    return pb.ForwardReply(seq=result.seq, step_id=result.step_id, stage_ms=stage_ms,
-                           result=msg)
+def result_to_wire(result: BatchResult, stage_ms: float) -> pb.ForwardReply:
+    out = []
+    for r in result.results:
+        msg = pb.SeqResult(seq=r.seq, accepted=r.accepted, next_token=r.next_token,
+                           top2_gaps=r.top2_gaps)
+        if r.logits is not None:
+            msg.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
+            msg.n_vocab = r.logits.shape[1]
+        out.append(msg)
+    return pb.ForwardReply(batch_id=result.batch_id, stage_ms=stage_ms,
+                           result=pb.BatchResult(results=out))
 
 
-def result_from_wire(reply: pb.ForwardReply) -> StepResult:
-    r = reply.result
-    logits = np.frombuffer(r.logits, dtype="<f4").reshape(-1, r.n_vocab) if r.n_vocab \
-        else None
-    return StepResult(seq=reply.seq, step_id=reply.step_id, accepted=list(r.accepted),
-                      next_token=r.next_token, top2_gaps=list(r.top2_gaps), logits=logits)
+def result_from_wire(reply: pb.ForwardReply) -> BatchResult:
+    results = []
+    for r in reply.result.results:
+        logits = np.frombuffer(r.logits, dtype="<f4").reshape(-1, r.n_vocab) if r.n_vocab \
+            else None
+        results.append(SeqResult(seq=r.seq, accepted=list(r.accepted),
+                                 next_token=r.next_token, top2_gaps=list(r.top2_gaps),
+                                 logits=logits))
+    return BatchResult(batch_id=reply.batch_id, results=results)
 
 
-def error_to_wire(seq: int, step_id: int, code: int, message: str, worker: str
-                  ) -> pb.ForwardReply:
-    return pb.ForwardReply(seq=seq, step_id=step_id,
+def error_to_wire(batch_id: int, code: int, message: str, worker: str) -> pb.ForwardReply:
+    return pb.ForwardReply(batch_id=batch_id,
                            error=pb.StepError(code=code, message=message, worker=worker))
 
 
-def timing_to_wire(seq: int, step_id: int, stage_ms: float) -> pb.ForwardReply:
-    return pb.ForwardReply(seq=seq, step_id=step_id, stage_ms=stage_ms)
+def timing_to_wire(batch_id: int, stage_ms: float, busy_ms: float) -> pb.ForwardReply:
+    return pb.ForwardReply(batch_id=batch_id, stage_ms=stage_ms, busy_ms=busy_ms)
 
 
 # --- stages and nodes -----------------------------------------------------------------
@@ -225,7 +265,7 @@ def node_to_wire(node: NodeInfo) -> pb.NodeInfo:
             model_path=s.model_path, begin=s.begin, end=s.end,
             model_n_layer=node.model_n_layer, n_ctx=s.n_ctx, n_seq_max=s.n_seq_max,
             type_k=s.type_k, type_v=s.type_v,
-            downstream=s.downstream.address if s.downstream else ""))
+            downstream=s.downstream.address if s.downstream else "", capture=node.capture))
     return msg
 
 
@@ -244,4 +284,5 @@ def node_from_wire(msg: pb.NodeInfo) -> NodeInfo:
                          n_seq_max=s.n_seq_max, type_k=s.type_k, type_v=s.type_v,
                          downstream=Peer(s.downstream) if s.downstream else None)
     return NodeInfo(host=host, versions=dict(msg.versions), stage=stage,
-                    model_n_layer=msg.stage.model_n_layer if stage else 0)
+                    model_n_layer=msg.stage.model_n_layer if stage else 0,
+                    capture=msg.stage.capture if stage else "")

@@ -1,12 +1,21 @@
-"""Prometheus metrics of the serving coordinator (`GET /metrics`)."""
+"""Prometheus metrics of the serving coordinator (`GET /metrics`).
+
+Every metric here is set by the engine or the API as it runs (tests/test_serve.py reads
+them back): none is declared for show.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from coordinator.generate import Stats
+if TYPE_CHECKING:
+    from coordinator.engine.sequence import Stats
 
-_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
@@ -23,19 +32,32 @@ class Metrics:
         self.acceptance = Gauge("specshard_draft_acceptance",
                                 "Fraction of draft guesses accepted, by draft position",
                                 ["position"], registry=r)
-        self.stage_ms = Histogram("specshard_stage_ms", "Compute time per step, per worker",
+        self.stage_ms = Histogram("specshard_stage_ms", "Compute time per batch, per worker",
                                   ["worker"], buckets=_MS, registry=r)
         self.hop_ms = Histogram("specshard_hop_ms",
-                                "Step time not spent computing, per hop of the ring",
+                                "Batch time not spent computing, per hop of the ring",
                                 buckets=_MS, registry=r)
+        self.draft_ms = Histogram("specshard_draft_ms", "Time to draft one micro-batch",
+                                  buckets=_MS, registry=r)
+        self.ttft_s = Histogram("specshard_time_to_first_token_seconds",
+                                "Arrival to first token", buckets=_S, registry=r)
+        self.batch_rows = Histogram("specshard_batch_rows", "Rows per micro-batch",
+                                    buckets=_ROWS, registry=r)
         self.queue_depth = Gauge("specshard_queue_depth", "Requests waiting for a sequence",
                                  registry=r)
-        self.kv_tokens = Gauge("specshard_kv_tokens", "Tokens held in KV caches, per node",
-                               ["node"], registry=r)
+        self.running = Gauge("specshard_sequences_running", "Sequences being decoded",
+                             registry=r)
+        self.slots_free = Gauge("specshard_sequence_slots_free",
+                                "Sequence slots free in every stage", registry=r)
+        self.kv_tokens = Gauge("specshard_kv_tokens",
+                               "Positions held in the KV caches (every stage holds the "
+                               "same positions, each for its own layers)", registry=r)
         self.restarts = Counter("specshard_worker_restarts",
-                                "Workers restarted or re-placed after a failure", registry=r)
+                                "Ring rebuilds after a lost worker", registry=r)
         self.requests = Counter("specshard_requests", "Requests by outcome", ["outcome"],
                                 registry=r)
+        self.requests_failed = Counter("specshard_engine_failures",
+                                       "Requests the engine could not complete", registry=r)
 
     def observe_stats(self, stats: Stats) -> None:
         self.tok_s.set(stats.tok_s)

@@ -1,4 +1,5 @@
-"""Everything `serve` and `demo` start: workers, the ring, recovery, drafts, the engine."""
+"""Putting the coordinator together: a built ring, a drafter, the engine (every command),
+and what `serve` and `demo` start around them (workers, Ray, the watcher)."""
 
 from __future__ import annotations
 
@@ -9,44 +10,115 @@ from pathlib import Path
 from cluster import models
 from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
-from coordinator.draft import DraftConfig, ModelDrafter, check_vocab
-from coordinator.engine import Engine
-from coordinator.gamma import GammaConfig, GammaController
-from coordinator.generate import Drafter
+from coordinator.engine.core import EngineCore, FromRing
+from coordinator.engine.frontend import Engine
+from coordinator.engine.scheduler import SchedulerConfig
 from coordinator.metrics import Metrics
-from coordinator.ngram import NgramDrafter
-from coordinator.ray_workers import RayWorkers
-from coordinator.recovery import ResilientPipeline
-from coordinator.ring import Ring, StaticWorkers, WorkerSet
+from coordinator.placement.ray_actors import RayWorkers
+from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.grpc_ring import RingLost
+from coordinator.ring.supervisor import StaticWorkers, WorkerSet
 from coordinator.settings import ServeSettings
+from coordinator.speculation.draft import DraftConfig, DraftModel, check_vocab
+from coordinator.speculation.drafting import Drafter
+from coordinator.speculation.gamma import DraftCosts, GammaConfig, GammaPolicy
+from coordinator.speculation.ngram import NgramDrafter
 from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+CALIBRATION_TEXT = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    queue_size: int = 16
+    max_batch_tokens: int = 512
+    prefill_chunk: int = 256
+    micro_batches: int | None = None  # default: one per stage
+    max_stall: float = 2.0  # see SchedulerConfig
+    gamma: GammaConfig = GammaConfig()
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 0:
+            raise SpecshardError("--queue-size must be ≥ 0")
+        if self.max_batch_tokens < 1 or self.prefill_chunk < 1:
+            raise SpecshardError("--max-batch-tokens and --prefill-chunk must be ≥ 1")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise SpecshardError("--micro-batches must be ≥ 1")
+        if self.max_stall < 1:
+            raise SpecshardError("--max-stall must be ≥ 1")
+
+
+def open_drafter(mode: str, draft: str | None, model: Path, ctx: int, parallel: int,
+                 threads: int) -> Drafter | None:
+    """`mode` is model (needs `draft`), ngram, none, or auto (model when a draft is given).
+
+    One draft model serves every sequence: one set of weights, one KV stream per slot."""
+    mode = mode if mode != "auto" else ("model" if draft else "none")
+    if mode == "none":
+        return None
+    if mode == "ngram":
+        return NgramDrafter()
+    if mode != "model" or not draft:
+        raise SpecshardError("--draft-mode is model (needs --draft), ngram, none or auto")
+    path = models.resolve(draft, "draft")
+    check_vocab(model, path)
+    return DraftModel(DraftConfig(path, n_ctx=ctx, n_seq_max=parallel,
+                                  n_threads=max(threads, 1)))
+
+
+def start_engine(built: BuiltRing, tokenizer: Tokenizer, name: str,
+                 drafter: Drafter | None = None, options: EngineOptions = EngineOptions(),
+                 metrics: Metrics | None = None, costs: DraftCosts | None = None) -> Engine:
+    """The engine over a built ring, the ring's (and draft's) costs measured first unless
+    `costs` gives them (a few seconds on a CPU, milliseconds on a GPU)."""
+    config = SchedulerConfig(options.max_batch_tokens, options.prefill_chunk,
+                             options.micro_batches or built.n_stages, options.max_stall)
+    core = EngineCore(built.ring, tokenizer, config, drafter, GammaPolicy(options.gamma),
+                      metrics, rebuilder=built.supervisor)
+    if costs is not None:
+        core.use_costs(costs)
+    else:
+        core.calibrate(tokenizer.encode(CALIBRATION_TEXT, add_bos=False)[:32])
+    if built.supervisor is not None:
+        built.supervisor.watch(lambda generation, why: core.post(FromRing(generation,
+                                                                          RingLost(why))))
+    return Engine(core, tokenizer, name, options.queue_size)
 
 
 @dataclass
 class RunningCluster:
     engine: Engine
-    ring: Ring
-    workers: WorkerSet
-    drafters: list[Drafter | None] = field(default_factory=list)
+    built: BuiltRing
+    drafter: Drafter | None = None
+    tokenizer: Tokenizer | None = None
+    extra: dict[str, object] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
-        info = self.ring.describe()
-        if isinstance(self.workers, RayWorkers):
+        info: dict[str, object] = self.built.supervisor.describe() if self.built.supervisor \
+            else {"nodes": [], "plan": None, "restarts": 0}
+        workers = self.built.workers
+        if isinstance(workers, RayWorkers):
             nodes: list[dict[str, object]] = info["nodes"]  # type: ignore[assignment]
-            for node, ray_node in zip(nodes, self.workers.node_ids(), strict=True):
+            for node, ray_node in zip(nodes, workers.node_ids(), strict=True):
                 node["ray_node_id"] = ray_node
-        return {**info, "model": self.engine.model_name, "parallel": self.engine.parallel}
+        core = self.engine.core
+        return {**info, "model": self.engine.model_name, "parallel": self.engine.parallel,
+                "n_ctx": self.engine.n_ctx, "micro_batches": core.config.micro_batches,
+                "max_batch_tokens": core.config.max_batch_tokens,
+                "prefill_chunk": core.config.prefill_chunk,
+                "costs": core.policy.costs.as_dict(),
+                **self.extra}
 
     def close(self) -> None:
-        self.engine.drain()  # requests end before the ring they run on
-        for drafter in self.drafters:
-            close = getattr(drafter, "close", None)
-            if close:
-                close()
-        self.ring.close()
-        self.workers.stop()
+        try:
+            self.engine.close()  # requests end before the ring they run on
+        finally:
+            try:
+                if self.drafter is not None:
+                    self.drafter.close()
+            finally:
+                self.built.close()
 
 
 def _workers(s: ServeSettings) -> tuple[WorkerSet, bool]:
@@ -64,40 +136,44 @@ def _workers(s: ServeSettings) -> tuple[WorkerSet, bool]:
     return StaticWorkers(s.worker, token, tls), False
 
 
-def make_drafter(s: ServeSettings, model: Path) -> Drafter | None:
-    mode = s.draft_mode if s.draft_mode != "auto" else ("model" if s.draft else "none")
-    gamma = GammaController(GammaConfig(fixed=s.gamma))
-    if mode == "none":
-        return None
-    if mode == "ngram":
-        return NgramDrafter(gamma=gamma)
-    if mode != "model" or not s.draft:
-        raise SpecshardError("--draft-mode is model (needs --draft), ngram, none or auto")
-    draft = models.resolve(s.draft, "draft")
-    check_vocab(model, draft)
-    return ModelDrafter(DraftConfig(draft, n_ctx=s.ctx, n_threads=max(s.threads, 1)), gamma)
+def engine_options(s: ServeSettings) -> EngineOptions:
+    try:
+        gamma = GammaConfig(fixed=s.gamma, gamma_max=s.gamma_max)
+    except ValueError as exc:
+        raise SpecshardError(str(exc)) from None
+    return EngineOptions(queue_size=s.queue_size, max_batch_tokens=s.max_batch_tokens,
+                         prefill_chunk=s.prefill_chunk, micro_batches=s.micro_batches,
+                         max_stall=s.max_stall, gamma=gamma)
 
 
 def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
-    if s.parallel < 1 or s.ctx < 1 or s.queue_size < 0:
-        raise SpecshardError("need --parallel ≥ 1, --ctx ≥ 1 and --queue-size ≥ 0")
+    """Workers, the ring, the drafter and the engine, as `serve` and `demo` run them."""
+    if s.parallel < 1 or s.ctx < 1:
+        raise SpecshardError("need --parallel ≥ 1 and --ctx ≥ 1")
+    options = engine_options(s)
     model = models.resolve(s.model)
     tokenizer = Tokenizer(model)
     metrics = Metrics()
-    workers, shared_disk = _workers(s)
-    drafters: list[Drafter | None] = []
+    # A bad draft is refused before any worker starts.
+    drafter = open_drafter(s.draft_mode, s.draft, model, s.ctx, s.parallel, s.threads)
+    built: BuiltRing | None = None
     try:
-        ring = Ring(workers, model, str(model) if shared_disk else s.model, s.ctx, s.parallel,
-                    s.threads, metrics)
-        ring.start(progress)
-        pipeline = ResilientPipeline(ring)
-        ring.watch(pipeline.recover_now)
-        drafters = [make_drafter(s, model) for _ in range(s.parallel)]
+        workers, shared_disk = _workers(s)
+        try:
+            draft_path = models.resolve(s.draft, "draft") if s.draft else None
+            built = build_ring(model, workers=workers,
+                               model_ref=str(model) if shared_disk else s.model, ctx=s.ctx,
+                               parallel=s.parallel, threads=s.threads, draft=draft_path,
+                               metrics=metrics, progress=progress)
+        except BaseException:
+            workers.stop()
+            raise
+        engine = start_engine(built, tokenizer, s.name or model.stem, drafter, options,
+                              metrics)
     except BaseException:
-        for d in drafters:
-            getattr(d, "close", lambda: None)()
-        workers.stop()
+        if built is not None:
+            built.close()
+        if drafter is not None:
+            drafter.close()
         raise
-    engine = Engine(pipeline, tokenizer, s.name or model.stem, parallel=s.parallel,
-                    queue_size=s.queue_size, drafters=drafters, metrics=metrics)
-    return RunningCluster(engine, ring, workers, drafters)
+    return RunningCluster(engine, built, drafter, tokenizer)

@@ -20,12 +20,12 @@ class ServeSettings(BaseSettings):
     draft_mode: str = Field("auto", description="model, ngram, none, or auto (model when "
                                                 "--draft is given)")
     ray: str | None = Field(None, description="Ray cluster address ('auto' = the running "
-                                              "one); one worker per GPU node")
+                                              "one); one worker per GPU")
     local_workers: int = Field(0, description="start a local Ray instance with N workers")
     worker: list[str] = Field(default_factory=list,
                               description="use a running worker HOST:PORT (repeat, in order)")
     workers: int | None = Field(None, description="with --ray: how many workers (default: "
-                                                  "one per GPU node)")
+                                                  "one per GPU)")
     token_file: str | None = Field(None, description="the workers' token (with --worker)")
     tls_cert: str | None = Field(None, description="this coordinator's certificate, for "
                                                    "workers that use TLS")
@@ -43,7 +43,25 @@ class ServeSettings(BaseSettings):
     api_key_file: str | None = Field(None, description="file holding the API key")
     threads: int = Field(1, description="llama.cpp threads per worker")
     gamma: int | None = Field(None, description="fixed draft length (default: adaptive)")
+    gamma_max: int = Field(16, description="adaptive draft length's upper bound")
+    max_batch_tokens: int = Field(512, description="rows per micro-batch while sequences "
+                                                   "decode (bounds their inter-token "
+                                                   "latency when a prompt arrives)")
+    prefill_chunk: int = Field(256, description="prompt tokens per chunk")
+    max_stall: float = Field(2.0, description="a batch with prompt rows lasts at most this "
+                                              "many decode-only batches (by the ring's "
+                                              "costs, measured at start)")
+    micro_batches: int | None = Field(None, description="micro-batches in flight (default: "
+                                                        "the number of stages)")
     name: str = Field("", description="model name in the API (default: the file's stem)")
+    reasoning_format: str = Field("deepseek", description="deepseek: a reasoning model's "
+                                  "thinking goes to reasoning_content, apart from content "
+                                  "(as llama-server); none: the raw text")
+    reasoning_budget: int = Field(-1, description="thinking tokens per reply (-1: unlimited, "
+                                                  "0: no thinking); a request may set "
+                                                  "thinking_budget_tokens")
+    chat_template_file: str | None = Field(None, description="a Jinja chat template to use "
+                                                             "instead of the model's")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="?", const="auto", metavar="ADDRESS")
         elif field.annotation in (int, int | None):
             kwargs["type"] = int
+        elif field.annotation in (float, float | None):
+            kwargs["type"] = float
         p.add_argument(flag, **kwargs)
 
 

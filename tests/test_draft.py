@@ -12,21 +12,23 @@ from gguf import GGUFWriter
 
 from cluster.errors import SpecshardError
 from cluster.sampling import SamplingParams, SparseDist, filtered_probs
-from coordinator.draft import DraftConfig, ModelDrafter, check_vocab, common_prefix, draft_dist
-from coordinator.gamma import GammaConfig, GammaController
+from coordinator.speculation.draft import (
+    DraftConfig,
+    DraftModel,
+    check_vocab,
+    common_prefix,
+    draft_dist,
+)
+from coordinator.speculation.drafting import DraftRequest
 from tests.tiny_gguf import write_tiny_model
 
 GAMMA = 6
 PROMPT_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def fixed(gamma: int = GAMMA) -> GammaController:
-    return GammaController(GammaConfig(fixed=gamma))
-
-
 @pytest.fixture(scope="module")
-def drafter(demo_draft: Path) -> Iterator[ModelDrafter]:
-    d = ModelDrafter(DraftConfig(demo_draft, n_ctx=512), fixed())
+def drafter(demo_draft: Path) -> Iterator[DraftModel]:
+    d = DraftModel(DraftConfig(demo_draft, n_ctx=512, n_seq_max=3))
     yield d
     d.close()
 
@@ -54,27 +56,36 @@ def straight(llm: llama_cpp.Llama, context: list[int], n: int) -> list[int]:
     return out
 
 
-def greedy(drafter: ModelDrafter, context: list[int]) -> list[int]:
-    return drafter.propose(context, SamplingParams(), np.random.default_rng(0)).tokens
+GREEDY = SamplingParams()
+
+
+def ask(context: list[int], seq: int = 0, gamma: int = GAMMA,
+        sampling: SamplingParams = GREEDY, seed: int = 0) -> DraftRequest:
+    return DraftRequest(seq, context, gamma, sampling, np.random.default_rng(seed))
+
+
+def greedy(drafter: DraftModel, context: list[int], seq: int = 0, gamma: int = GAMMA
+           ) -> list[int]:
+    return drafter.propose([ask(context, seq, gamma)])[0].tokens
 
 
 @pytest.mark.slow
 def test_greedy_guesses_are_the_draft_models_own_greedy_tokens(
-        drafter: ModelDrafter, reference: llama_cpp.Llama, prompt: list[int]) -> None:
+        drafter: DraftModel, reference: llama_cpp.Llama, prompt: list[int]) -> None:
     assert greedy(drafter, prompt) == straight(reference, prompt, GAMMA)
 
 
 @pytest.mark.slow
 def test_rollback_keeps_the_cache_consistent(
-        drafter: ModelDrafter, reference: llama_cpp.Llama, prompt: list[int],
+        drafter: DraftModel, reference: llama_cpp.Llama, prompt: list[int],
         demo_draft: Path) -> None:
     first = greedy(drafter, prompt)
     # The target took two guesses and then chose something else: the draft's cache holds
     # guesses it must forget.
     diverged = [*prompt, *first[:2], (first[2] + 1) % 1000]
     again = greedy(drafter, diverged)
-    assert drafter.decoded == [*diverged, *again[:-1]]
-    fresh = ModelDrafter(DraftConfig(demo_draft, n_ctx=512), fixed())
+    assert drafter.decoded[0] == [*diverged, *again[:-1]]
+    fresh = DraftModel(DraftConfig(demo_draft, n_ctx=512))
     try:
         assert again == greedy(fresh, diverged)
     finally:
@@ -84,7 +95,7 @@ def test_rollback_keeps_the_cache_consistent(
 
 @pytest.mark.slow
 def test_all_guesses_accepted_then_the_bonus_token(
-        drafter: ModelDrafter, reference: llama_cpp.Llama, prompt: list[int]) -> None:
+        drafter: DraftModel, reference: llama_cpp.Llama, prompt: list[int]) -> None:
     first = greedy(drafter, prompt)
     bonus = straight(reference, [*prompt, *first], 1)
     context = [*prompt, *first, *bonus]
@@ -93,17 +104,17 @@ def test_all_guesses_accepted_then_the_bonus_token(
 
 @pytest.mark.slow
 def test_sampled_guesses_carry_the_filtered_distributions(
-        drafter: ModelDrafter, prompt: list[int]) -> None:
+        drafter: DraftModel, prompt: list[int]) -> None:
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
-    a = drafter.propose(prompt, params, np.random.default_rng(5))
-    b = drafter.propose(prompt, params, np.random.default_rng(5))
+    (a,) = drafter.propose([ask(prompt, sampling=params, seed=5)])
+    (b,) = drafter.propose([ask(prompt, sampling=params, seed=5)])
     assert a.tokens == b.tokens  # same seed, same draft
     assert len(a.dists) == GAMMA
     for token, dist in zip(a.tokens, a.dists, strict=True):
         assert dist.prob(token) > 0 and dist.ids.size <= 20
         assert dist.probs.sum() == pytest.approx(1.0)
     # top-k 20 < dist_top: the first distribution is the filter applied to the whole row.
-    row = drafter._sync(prompt)
+    row = drafter._sync({0: prompt})[0]
     expected = filtered_probs(row, params)
     assert a.dists[0].ids.tolist() == expected.ids.tolist()
     np.testing.assert_allclose(a.dists[0].probs, expected.probs)
@@ -124,14 +135,30 @@ def test_draft_dist_keeps_the_likeliest_tokens_renormalised() -> None:
 
 @pytest.mark.slow
 def test_gamma_is_capped_by_the_draft_context(demo_draft: Path) -> None:
-    small = ModelDrafter(DraftConfig(demo_draft, n_ctx=32), fixed(8))
+    small = DraftModel(DraftConfig(demo_draft, n_ctx=32))
     try:
         n = small.n_ctx  # llama.cpp may round the context up
         # 4 free positions hold 4 decoded guesses: the 5th needs no position of its own.
-        assert len(greedy(small, list(range(100, 100 + n - 4)))) == 5
-        assert greedy(small, list(range(100, 100 + n + 1))) == []
+        assert len(greedy(small, list(range(100, 100 + n - 4)), gamma=8)) == 5
+        assert greedy(small, list(range(100, 100 + n + 1)), gamma=8) == []
     finally:
         small.close()
+
+
+@pytest.mark.slow
+def test_sequences_drafted_together_get_their_own_guesses(
+        drafter: DraftModel, reference: llama_cpp.Llama, prompt: list[int]) -> None:
+    """Three slots in one batched call — different contexts, different γ — each get what
+    the draft model alone would guess (greedy: the same argmax, except at a near tie)."""
+    other = reference.tokenize(b"class Stack:\n    def push(self, item):\n")
+    third = [*prompt, 13]
+    asks = [ask(prompt, 0, 6), ask(other, 1, 3), ask(third, 2, 4)]
+    drafts = drafter.propose(asks)
+    for a, d in zip(asks, drafts, strict=True):
+        assert d.tokens == straight(reference, a.context, a.gamma)
+    for seq in range(3):
+        drafter.release(seq)
+        assert drafter.decoded[seq] == []
 
 
 @pytest.mark.slow

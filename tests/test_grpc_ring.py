@@ -11,21 +11,24 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.auth import call_metadata
-from cluster.messages import LoadSpec, StepRequest
-from cluster.sampling import SamplingParams
+from cluster.messages import Batch, Slice
 from cluster.stage_cut import StageSpec, even_split, split_at
 from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
-from coordinator.generate import generate
-from coordinator.grpc_pipeline import GrpcPipeline
-from coordinator.launcher import LocalWorkers
-from coordinator.local_pipeline import LocalPipeline
+from coordinator.engine.request import GenerationRequest
+from coordinator.placement.local import LocalWorkers
+from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.grpc_ring import GrpcRing
+from coordinator.ring.local_ring import LocalRing
+from coordinator.ring.supervisor import StaticWorkers
+from coordinator.service import start_engine
+from coordinator.speculation.gamma import FREE_DRAFT
 from coordinator.tokenizer import Tokenizer
+from tests.ring_calls import Caller
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 32
 N_CTX = 1024
-GREEDY = SamplingParams()
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 SPLITS = {2: split_at(28, [14]), 3: split_at(28, [9, 19])}
 
@@ -41,23 +44,29 @@ def prompt(tokenizer: Tokenizer) -> list[int]:
         [{"role": "user", "content": "Write a Python function that merges two sorted lists."}]))
 
 
-def first_logits_and_tokens(pipeline, prompt: list[int]) -> tuple[np.ndarray, list[int]]:
-    first = pipeline.step(StepRequest(seq=0, start=0, tokens=prompt, sampling=GREEDY,
-                                      return_logits=True))
-    pipeline.reset(0)
-    never_end = lambda _t: False  # noqa: E731 — a fixed length to compare
-    tokens = generate(pipeline, prompt, N_TOKENS, GREEDY, never_end).tokens
-    pipeline.reset(0)
-    return first.logits[-1], tokens
+def greedy_tokens(built: BuiltRing, tokenizer: Tokenizer, prompt: list[int]) -> list[int]:
+    engine = start_engine(built, tokenizer, "test", costs=FREE_DRAFT)
+    try:
+        return engine.generate(GenerationRequest(prompt, N_TOKENS, ignore_eos=True)).tokens
+    finally:
+        engine.close()
+
+
+def first_logits(built: BuiltRing, prompt: list[int]) -> np.ndarray:
+    result = Caller(built.ring).call(Slice(0, 0, prompt, return_logits=True))
+    logits = result.results[0].logits
+    assert logits is not None
+    return logits[-1]
 
 
 @pytest.fixture(scope="module")
-def reference(demo_target: Path, prompt: list[int]) -> tuple[np.ndarray, list[int]]:
-    pipeline = LocalPipeline.load(demo_target, even_split(28, 1), n_ctx=N_CTX)
+def reference(demo_target: Path, tokenizer: Tokenizer, prompt: list[int]
+              ) -> tuple[np.ndarray, list[int]]:
+    built = build_ring(demo_target, stages=1, ctx=N_CTX, threads=2)
     try:
-        return first_logits_and_tokens(pipeline, prompt)
+        return first_logits(built, prompt), greedy_tokens(built, tokenizer, prompt)
     finally:
-        pipeline.close()
+        built.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,42 +75,80 @@ def workers() -> Iterator[LocalWorkers]:
         yield running
 
 
-def specs_for(model: Path, split: list[StageSpec]) -> list[LoadSpec]:
-    return [LoadSpec(str(model), s.begin, s.end, n_ctx=N_CTX, n_threads=1) for s in split]
+def ring_of(workers: LocalWorkers, model: Path, split: list[StageSpec], n: int,
+            parallel: int = 1) -> BuiltRing:
+    static = StaticWorkers(workers.addresses[:n], workers.token, None)
+    return build_ring(model, workers=static, ctx=N_CTX, parallel=parallel, split=split)
 
 
 @pytest.fixture()
-def ring(request, workers: LocalWorkers, demo_target: Path) -> Iterator[GrpcPipeline]:
+def ring(request, workers: LocalWorkers, demo_target: Path) -> Iterator[BuiltRing]:
     n = request.param
-    pipeline = GrpcPipeline(workers.addresses[:n], token=workers.token)
+    built = ring_of(workers, demo_target, SPLITS[n], n)
     try:
-        pipeline.load(specs_for(demo_target, SPLITS[n]))
-        yield pipeline
+        yield built
     finally:
-        pipeline.close()
+        built.close()
 
 
 @pytest.mark.parametrize("ring", [2, 3], indirect=True)
-def test_ring_equals_one_stage(ring: GrpcPipeline, reference, prompt):
-    logits, tokens = first_logits_and_tokens(ring, prompt)
-    assert np.abs(logits - reference[0]).max() == 0.0
+def test_ring_equals_one_stage(ring: BuiltRing, reference, prompt, tokenizer):
+    assert np.abs(first_logits(ring, prompt) - reference[0]).max() == 0.0
+    ring.ring.truncate_all([], 0)
+    tokens = greedy_tokens(ring, tokenizer, prompt)
     assert len(tokens) == N_TOKENS
     assert tokens == reference[1]
 
 
 @pytest.mark.parametrize("ring", [2], indirect=True)
-def test_long_prefill_is_chunked_and_still_exact(ring: GrpcPipeline, demo_target: Path,
+def test_long_prefill_is_chunked_and_still_exact(ring: BuiltRing, demo_target: Path,
                                                  tokenizer: Tokenizer):
-    # 760 tokens × 1536 × 4 bytes = 4.7 MB of hidden states between the two workers.
+    # 760 rows × 1536 × 4 bytes = 4.7 MB of hidden states between the two workers, and
+    # more rows than a llama_decode takes (512): split on the wire and in the stage.
     text = "\n".join(f"def f{i}(x):\n    return x * {i}" for i in range(76))
     long_prompt = tokenizer.encode(text)[:760]
     assert len(long_prompt) == 760
-    step = StepRequest(seq=0, start=0, tokens=long_prompt, sampling=GREEDY, return_logits=True)
-    got = ring.step(step).logits
-    ring.reset(0)
-    local = LocalPipeline.load(demo_target, even_split(28, 1), n_ctx=N_CTX)
+    piece = Slice(0, 0, long_prompt, return_logits=True)
+    got = Caller(ring.ring).call(piece).results[0].logits
+    local = LocalRing.load(demo_target, even_split(28, 1), n_ctx=N_CTX)
     try:
-        want = local.logits(step)
+        want = local.logits(Batch(0, [piece]))[0][0]
+    finally:
+        local.close()
+    assert got is not None and np.abs(got - want).max() == 0.0
+
+
+@pytest.mark.parametrize("ring", [2], indirect=True)
+def test_a_reply_with_many_logit_rows_crosses_the_ring(ring: BuiltRing, prompt: list[int]):
+    """8 judged rows × 151,936 × 4 bytes = 4.9 MB of logits in one reply: over gRPC's
+    4 MiB default, under the one limit every channel of the ring shares."""
+    piece = Slice(0, 0, prompt, n_draft=7, return_logits=True)
+    result = Caller(ring.ring).call(piece).results[0]
+    assert result.logits is not None and result.logits.shape == (8, 151936)
+
+
+def test_pipelined_chunks_give_the_logits_of_one_stage_fed_the_same_chunks(
+        workers: LocalWorkers, demo_target: Path, tokenizer: Tokenizer):
+    """Chunks sent back to back (stage 0 computes chunk c+1 while stage 1 computes c)
+    leave the same caches as one in-process stage prefilled chunk by chunk."""
+    text = "\n".join(f"def g{i}(x):\n    return x + {i}" for i in range(30))
+    long_prompt = tokenizer.encode(text)[:300]
+    chunks = [long_prompt[i:i + 64] for i in range(0, len(long_prompt), 64)]
+    slices = [Slice(0, 64 * k, c, judge=k == len(chunks) - 1, return_logits=True)
+              for k, c in enumerate(chunks)]
+    built = ring_of(workers, demo_target, SPLITS[2], 2)
+    try:
+        caller = Caller(built.ring)
+        for k, piece in enumerate(slices):
+            caller.send(Batch(k + 1, [piece]))  # all in flight before any answer
+        answers = [caller.wait() for _ in slices]
+    finally:
+        built.close()
+    assert [a.batch_id for a in answers] == list(range(1, len(slices) + 1))
+    got = answers[-1].results[0].logits
+    local = LocalRing.load(demo_target, even_split(28, 1), n_ctx=N_CTX)
+    try:
+        want = [local.logits(Batch(0, [piece]))[0] for piece in slices][-1][0]
     finally:
         local.close()
     assert got is not None and np.abs(got - want).max() == 0.0
@@ -117,7 +164,7 @@ def stub(address: str, token: str | None) -> tuple[pb_grpc.WorkerStub, tuple, gr
 def lengths(address: str, token: str) -> list[int]:
     s, metadata, channel = stub(address, token)
     with channel:
-        return list(s.Truncate(pb.TruncateRequest(seqs=[0], length=2**32 - 1),
+        return list(s.Truncate(pb.TruncateRequest(length=2**32 - 1),
                                metadata=metadata).lengths)
 
 
@@ -130,43 +177,48 @@ def send_one(address: str, token: str, msg: pb.ForwardMessage) -> pb.ForwardRepl
 
 @pytest.fixture()
 def loaded_ring(workers: LocalWorkers, demo_target: Path, prompt: list[int]
-                ) -> Iterator[GrpcPipeline]:
-    pipeline = GrpcPipeline(workers.addresses[:2], token=workers.token)
+                ) -> Iterator[BuiltRing]:
+    built = ring_of(workers, demo_target, SPLITS[2], 2, parallel=2)
     try:
-        pipeline.load(specs_for(demo_target, SPLITS[2]))
-        pipeline.step(StepRequest(seq=0, start=0, tokens=prompt, sampling=GREEDY))
-        yield pipeline
+        Caller(built.ring).call(Slice(0, 0, prompt))
+        yield built
     finally:
-        pipeline.close()
+        built.close()
+
+
+def forward(batch_id: int, *slices: pb.Slice, hidden: bytes = b"", n_embd: int = 0
+            ) -> pb.ForwardMessage:
+    return pb.ForwardMessage(batch_id=batch_id, slices=list(slices), hidden=hidden,
+                             n_embd=n_embd, n_chunks=1)
 
 
 def malformed(prompt: list[int]) -> dict[str, tuple[int, pb.ForwardMessage, str]]:
     n = len(prompt)
     return {
-        "wrong byte length": (1, pb.ForwardMessage(
-            seq=0, step_id=1, positions=[n], tokens=[1], hidden=b"\0" * 1000, n_embd=1536,
-            n_chunks=1), "bytes"),
-        "non-contiguous positions": (0, pb.ForwardMessage(
-            seq=0, step_id=2, positions=[n, n + 2], tokens=[1, 2], n_chunks=1), "contiguous"),
-        "unknown sequence": (0, pb.ForwardMessage(
-            seq=7, step_id=3, positions=[0], tokens=[1], n_chunks=1), "unknown sequence"),
-        "past the context": (0, pb.ForwardMessage(
-            seq=0, step_id=4, positions=list(range(n, N_CTX + 1)),
-            tokens=[1] * (N_CTX + 1 - n), n_chunks=1), "context"),
-        "hole in the sequence": (0, pb.ForwardMessage(
-            seq=0, step_id=5, positions=[n + 5], tokens=[1], n_chunks=1), "continue"),
-        "token id out of range": (0, pb.ForwardMessage(
-            seq=0, step_id=6, positions=[n], tokens=[10**7], n_chunks=1), "out of range"),
+        "wrong byte length": (1, forward(1, pb.Slice(seq=0, start=n, tokens=[1]),
+                                         hidden=b"\0" * 1000, n_embd=1536), "bytes"),
+        "unknown sequence": (0, forward(3, pb.Slice(seq=7, start=0, tokens=[1])),
+                             "unknown sequence"),
+        "past the context": (0, forward(4, pb.Slice(seq=0, start=n,
+                                                    tokens=[1] * (N_CTX + 1 - n))), "context"),
+        "hole in the sequence": (0, forward(5, pb.Slice(seq=0, start=n + 5, tokens=[1])),
+                                 "continue"),
+        "token id out of range": (0, forward(6, pb.Slice(seq=0, start=n, tokens=[10**7])),
+                                  "out of range"),
+        "one bad slice of two": (0, forward(7, pb.Slice(seq=1, start=0, tokens=[5, 6]),
+                                            pb.Slice(seq=0, start=n + 3, tokens=[1])),
+                                 "continue"),
     }
 
 
-@pytest.mark.parametrize("case", ["wrong byte length", "non-contiguous positions",
-                                  "unknown sequence", "past the context",
-                                  "hole in the sequence", "token id out of range"])
+@pytest.mark.parametrize("case", ["wrong byte length", "unknown sequence",
+                                  "past the context", "hole in the sequence",
+                                  "token id out of range", "one bad slice of two"])
 def test_malformed_forward_is_refused_and_changes_nothing(
-        case: str, loaded_ring: GrpcPipeline, workers: LocalWorkers, prompt, reference):
+        case: str, loaded_ring: BuiltRing, workers: LocalWorkers, prompt, tokenizer,
+        reference):
     before = [lengths(a, workers.token) for a in workers.addresses[:2]]
-    assert before == [[len(prompt)], [len(prompt)]]
+    assert before == [[len(prompt), 0], [len(prompt), 0]]
     index, msg, words = malformed(prompt)[case]
     reply = send_one(workers.addresses[index], workers.token, msg)
     assert reply.WhichOneof("outcome") == "error"
@@ -174,9 +226,8 @@ def test_malformed_forward_is_refused_and_changes_nothing(
     assert words in reply.error.message
     assert [lengths(a, workers.token) for a in workers.addresses[:2]] == before
     # … and the ring still serves, with the same answer as before
-    loaded_ring.reset(0)
-    assert generate(loaded_ring, prompt, 8, GREEDY, lambda _t: False).tokens == \
-        reference[1][:8]
+    loaded_ring.ring.truncate_all([], 0)
+    assert greedy_tokens(loaded_ring, tokenizer, prompt) == reference[1]
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-wrong-token"])
@@ -199,8 +250,10 @@ def test_a_missing_or_wrong_token_is_unauthenticated(workers: LocalWorkers,
         assert s.GetNodeInfo(pb.NodeInfoRequest(), metadata=metadata).cpu_count >= 1
 
 
-def test_node_info_reports_the_machine_and_the_stage(loaded_ring: GrpcPipeline):
-    first, last = loaded_ring.node_infos()
+def test_node_info_reports_the_machine_and_the_stage(loaded_ring: BuiltRing):
+    ring = loaded_ring.ring
+    assert isinstance(ring, GrpcRing)
+    first, last = ring.node_infos()
     assert first.host.cpu_count >= 1 and first.host.ram_total_bytes > 2**30
     assert first.host.gpus == [] and first.host.gpu_error  # no NVIDIA driver here
     assert first.versions["llama_cpp_python"] == "0.3.36"
@@ -208,6 +261,7 @@ def test_node_info_reports_the_machine_and_the_stage(loaded_ring: GrpcPipeline):
     assert first.stage.downstream is not None
     assert last.stage is not None and (last.stage.begin, last.stage.end) == (14, 28)
     assert last.stage.downstream is None and last.model_n_layer == 28
+    assert first.capture in ("c", "python") and last.capture == ""
 
 
 def test_plan_asks_running_workers(workers: LocalWorkers, demo_target: Path, tmp_path: Path,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from cluster.sampling import SamplingParams
-from coordinator.gamma import GammaConfig, GammaController
-from coordinator.ngram import NgramConfig, NgramDrafter, find_match, lookup
+from coordinator.speculation.drafting import DraftRequest
+from coordinator.speculation.ngram import NgramConfig, NgramDrafter, find_match, lookup
 
 CONFIG = NgramConfig(n_max=3, n_min=1)
 
@@ -52,22 +52,13 @@ def test_find_match_never_matches_the_suffix_itself() -> None:
 
 
 def test_drafter_gives_point_masses_and_follows_gamma() -> None:
-    drafter = NgramDrafter(CONFIG, GammaController(GammaConfig(fixed=3)))
+    drafter = NgramDrafter(CONFIG)
     context = [10, 11, 12, 13, 14, 10, 11]
-    draft = drafter.propose(context, SamplingParams(temperature=0.8),
-                            np.random.default_rng(0))
+    (draft,) = drafter.propose([DraftRequest(0, context, 3, SamplingParams(temperature=0.8),
+                                             np.random.default_rng(0))])
     assert draft.tokens == [12, 13, 14]
     assert [d.ids.tolist() for d in draft.dists] == [[12], [13], [14]]
     assert all(d.probs.tolist() == [1.0] for d in draft.dists)
-
-
-def test_drafter_feeds_its_gamma_controller() -> None:
-    controller = GammaController(GammaConfig(initial=2, explore_every=0))
-    drafter = NgramDrafter(CONFIG, controller)
-    for _ in range(30):
-        drafter.observe([], 2, 2, 1e-6, 0.03)
-    assert controller.steps == 30
-    assert controller.next_gamma() > 2  # everything accepted and drafts are free
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

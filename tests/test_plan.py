@@ -13,10 +13,14 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 
 from cluster.cli import main
-from cluster.memory_model import compute_bytes, kv_bytes, kv_cells_per_seq, model_shape
+from cluster.hardware import GpuInfo, HostInfo
+from cluster.messages import NodeInfo
 from cluster.model_info import KvType, inspect_model
-from cluster.plan import plan
-from cluster.plans import GIB, NodeSpec, Plan
+from cluster.planning.cli import parse_node
+from cluster.planning.inventory import node_specs
+from cluster.planning.memory import compute_bytes, kv_bytes, kv_cells_per_seq, model_shape
+from cluster.planning.planner import plan
+from cluster.planning.plans import GIB, NodeSpec, Plan
 from tests.qwq_fixture import QWEN3_0_6B_Q8_0, QWQ_32B_Q4_K_H, write_shape_only
 
 MIB = 1 << 20
@@ -136,6 +140,35 @@ def test_forced_layers_are_kept(capsys: pytest.CaptureFixture[str], qwq: Path) -
     code, out, _ = run(capsys, "--model", str(qwq), "--node", "a=12G", "--node", "b=12G",
                        "--ctx", "8192", "--layers", "b=28:64", "--json")
     assert code == 0 and json.loads(out)["nodes"][1]["layers"] == [28, 64]
+
+
+def _worker(hostname: str, gpu: int) -> NodeInfo:
+    """What a worker started with `--gpu` reports: its host, and that one GPU."""
+    rtx_4070 = GpuInfo(index=gpu, name="NVIDIA GeForce RTX 4070", total_bytes=12 * GIB,
+                       free_bytes=int(11.5 * GIB), utilization_percent=0, temperature_c=35,
+                       driver="550.54")
+    return NodeInfo(host=HostInfo(hostname=hostname, pid=1000 + gpu, cpu="x86", cpu_count=8,
+                                  ram_total_bytes=32 * GIB, ram_available_bytes=24 * GIB,
+                                  gpus=[rtx_4070]), versions={})
+
+
+def test_a_two_gpu_box_is_two_nodes(qwq: Path) -> None:
+    """One worker per GPU: each is a node of its own, named after its GPU, exactly the
+    nodes `--node` describes by hand (docs/planning.md)."""
+    found = node_specs(["10.0.0.1:50051", "10.0.0.1:50052", "10.0.0.2:50051"],
+                       [_worker("pc1", 0), _worker("pc1", 1), _worker("pc2", 0)])
+    names = ["pc1:gpu0", "pc1:gpu1", "pc2:gpu0"]
+    assert found == [parse_node(f"{n}=12GiB,free=11.5GiB,ram=32GiB") for n in names]
+    result = plan(qwq, found, 16384)
+    assert result.feasible and tiles(result) and within_capacity(result)
+    assert [s.name for s in result.stages] == names
+
+
+def test_workers_that_see_one_gpu_share_it() -> None:
+    found = node_specs(["10.0.0.1:50051", "10.0.0.1:50052", "10.0.0.2:50051"],
+                       [_worker("pc1", 0), _worker("pc1", 0), _worker("pc2", 0)])
+    assert [n.name for n in found] == ["10.0.0.1:50051", "10.0.0.1:50052", "pc2:gpu0"]
+    assert [n.capacity_bytes for n in found] == [int(5.75 * GIB)] * 2 + [int(11.5 * GIB)]
 
 
 @pytest.mark.parametrize("args, message", [

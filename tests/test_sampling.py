@@ -129,7 +129,7 @@ def shared_seed_first_tokens(spawn: bool) -> np.ndarray:
 def test_a_draft_sharing_the_verifiers_random_stream_is_biased() -> None:
     """Draft sampling and verification must not read the same uniforms.
 
-    coordinator/generate.py hands the drafter default_rng(step_seed) and the last worker
+    coordinator/engine/generate.py hands the drafter default_rng(step_seed) and the last worker
     verifies with default_rng(step_seed): the acceptance test then reads the very number
     that chose the guess, and the output drifts from the target. A spawned child stream
     (what ModelDrafter uses) is independent again.

@@ -1,4 +1,5 @@
-"""The served cluster end to end: Ray workers, the OpenAI API, a killed worker, load."""
+"""The served cluster end to end: Ray workers, the draft model, the OpenAI API, a killed
+worker, load."""
 
 from __future__ import annotations
 
@@ -14,19 +15,23 @@ import httpx
 import openai
 import pytest
 
-from coordinator.api import ServerState, create_app
-from coordinator.server import ServerThread
+from coordinator.api.app import ServerState, create_app
+from coordinator.api.server import ServerThread
+from coordinator.engine.request import GenerationRequest
 from coordinator.service import RunningCluster, start_cluster
 from coordinator.settings import ServeSettings
+from coordinator.speculation.draft import DraftModel
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-0123456789abcdef"
+PARALLEL = 8
+NEAR_TIE = 0.5  # as tests/test_speculative.py: batch shapes move top-2 margins this much
 
 
 @pytest.fixture(scope="module")
 def served(demo_target: Path) -> Iterator[tuple[str, RunningCluster]]:
-    settings = ServeSettings(model=str(demo_target), local_workers=2, ctx=1024, parallel=4,
-                             queue_size=16, threads=1)
+    settings = ServeSettings(model=str(demo_target), draft="demo", local_workers=2, ctx=1024,
+                             parallel=PARALLEL, queue_size=16, threads=1)
     cluster = start_cluster(settings)
     try:
         state = ServerState(engine=cluster.engine, api_key=KEY, cluster_info=cluster.describe)
@@ -47,21 +52,61 @@ def chat(url: str, prompt: str, max_tokens: int) -> str:
     return reply.choices[0].message.content or ""
 
 
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_cluster_endpoint_shows_workers_and_plan(served):
     url, cluster = served
     info = httpx.get(url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"},
                      timeout=30).json()
-    assert [n["pid"] for n in info["nodes"]] == cluster.workers.pids()
+    assert [n["pid"] for n in info["nodes"]] == cluster.built.workers.pids()
     assert all(n["healthy"] for n in info["nodes"])
+    assert info["nodes"][0]["capture"] in ("c", "python") and info["nodes"][1]["capture"] is None
     layers = [n["layers"] for n in info["plan"]["nodes"]]
     assert layers[0][0] == 0 and layers[-1][1] == 28 and len(layers) == 2
+    assert info["parallel"] == PARALLEL and info["micro_batches"] == 2
+    assert info["costs"]["draft_ms"] > 0 and info["costs"]["verify_ms_a"] > 0  # at start
 
 
-def test_kill_9_of_a_worker_mid_stream_changes_nothing(served):
+def test_metrics_show_stages_hops_and_caches(served):
+    """What /metrics declares is set (a review found per-stage, per-hop and KV metrics
+    declared and never observed)."""
+    url, cluster = served
+    chat(url, "Say hi.", 4)
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for address in cluster.built.workers.addresses:
+        assert f'specshard_stage_ms_count{{worker="{address}"}}' in text
+    assert metric(url, "specshard_hop_ms_count") > 0
+    assert metric(url, "specshard_batch_rows_count") > 0
+    assert metric(url, "specshard_time_to_first_token_seconds_count") > 0
+    assert metric(url, "specshard_kv_tokens") >= 0
+    assert metric(url, "specshard_sequence_slots_free") == PARALLEL
+
+
+def test_the_draft_model_is_loaded_once_whatever_parallel_is(served):
+    _, cluster = served
+    drafter = cluster.drafter
+    assert isinstance(drafter, DraftModel) and drafter.config.n_seq_max == PARALLEL
+    # llama.cpp maps the weights file once per load: one mapping, one copy of the draft.
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    loads = {line.split()[0] for line in maps if line.endswith(drafter.config.path.name)}
+    assert len(loads) == 1, loads
+
+
+def test_alone_with_the_draft_the_answer_repeats_and_survives_kill_9(served):
+    """γ depends on the sequence's tokens only, and a lost worker's caches are rebuilt by
+    replaying the same batches: a request decoded alone streams the same text every time,
+    a worker killed mid-stream included."""
     url, cluster = served
     prompt = "Write a Python function that returns the n-th Fibonacci number."
-    undisturbed = chat(url, prompt, 48)
-    victim = cluster.workers.pids()[1]
+    runs = [chat(url, prompt, 48) for _ in range(3)]
+    assert runs[0] and runs[1] == runs[0] and runs[2] == runs[0]
+    restarts = metric(url, "specshard_worker_restarts_total")
+    victim = cluster.built.workers.pids()[1]
     assert victim is not None
     stream = client(url).chat.completions.create(
         model="", messages=[{"role": "user", "content": prompt}], max_tokens=48,
@@ -74,32 +119,59 @@ def test_kill_9_of_a_worker_mid_stream_changes_nothing(served):
                 os.kill(victim, signal.SIGKILL)
                 killed = True
     assert killed
-    assert text == undisturbed
-    assert cluster.workers.pids()[1] != victim  # Ray started a new worker process
-    metrics = httpx.get(url + "/metrics", timeout=30).text
-    restarts = [line for line in metrics.splitlines()
-                if line.startswith("specshard_worker_restarts_total")]
-    assert restarts and float(restarts[0].split()[-1]) >= 1
+    assert text == runs[0]
+    assert cluster.built.workers.pids()[1] != victim  # Ray started a new worker process
+    assert metric(url, "specshard_worker_restarts_total") >= restarts + 1
 
 
-def test_sixteen_concurrent_requests_equal_their_solo_answers(served):
+PROMPTS = [f"Write a one-line Python expression that computes {what}."
+           for what in ("the sum of a list", "the maximum of a list", "a reversed string",
+                        "the square of x", "the length of a dict", "a sorted copy",
+                        "the first item", "the last item")] * 2
+
+
+def test_sixteen_concurrent_requests_at_parallel_8_all_complete(served):
     url, _ = served
-    prompts = [f"Write a one-line Python expression that computes {what}."
-               for what in ("the sum of a list", "the maximum of a list", "a reversed string",
-                            "the square of x", "the length of a dict", "a sorted copy",
-                            "the first item", "the last item")] * 2
-    solo = {p: chat(url, p, 24) for p in dict.fromkeys(prompts)}
     started = threading.Barrier(16, timeout=60)
 
-    def together(prompt: str) -> str:
+    def together(prompt: str) -> openai.types.chat.ChatCompletion:
         started.wait()
-        return chat(url, prompt, 24)
+        return client(url).chat.completions.create(
+            model="", messages=[{"role": "user", "content": prompt}], max_tokens=24,
+            temperature=0)
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(together, prompts))
+        replies = list(pool.map(together, PROMPTS))
     assert time.monotonic() - t0 < 600
-    different = [p for p, a in zip(prompts, answers, strict=True) if a != solo[p]]
-    # Each request is its own sequence with its own KV stream and its own batches, so
-    # sharing the ring does not change the arithmetic: every answer is its solo answer.
-    assert different == []
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+        assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 24
+    assert metric(url, "specshard_sequence_slots_free") == PARALLEL
+    assert metric(url, "specshard_queue_depth") == 0
+
+
+def test_batched_sequences_give_their_solo_answers_but_at_near_ties(served, record_property):
+    """Decoded together (8 at a time, in 2 micro-batches, mixed with prompt chunks), each
+    sequence gives its solo greedy tokens, or leaves them at a near tie of the solo run
+    (llama.cpp's kernels are not batch-invariant); the margins are reported."""
+    _, cluster = served
+    engine = cluster.engine
+    asks = [GenerationRequest(engine.tokenizer.encode(engine.tokenizer.chat_prompt(
+        [{"role": "user", "content": p}])), 24, with_gaps=True) for p in PROMPTS]
+    solo = [engine.generate(ask) for ask in asks[:8]]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(engine.generate, asks))
+    margins = []
+    for i, got in enumerate(together):
+        want = solo[i % 8]
+        at = next((k for k, (a, b) in enumerate(zip(want.tokens, got.tokens, strict=False))
+                   if a != b), None)
+        if at is None:
+            assert got.tokens == want.tokens
+            continue
+        margins.append({"prompt": PROMPTS[i], "token": at, "gap": want.top2_gaps[at]})
+        assert want.top2_gaps[at] < NEAR_TIE, margins[-1]
+    record_property("near_ties", margins)
+    print(f"{len(margins)} of 16 left their solo answer, each at a near tie: {margins}")

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from cluster.errors import InvalidForward
-from cluster.messages import Hop, StepRequest, StepResult
+from cluster.messages import Activations, Batch, BatchResult, SeqResult, Slice
 from cluster.sampling import SamplingParams, SparseDist
 from cluster.wire import worker_pb2 as pb
 from cluster.wire_convert import (
     CHUNK_BYTES,
-    MAX_MESSAGE_BYTES,
-    HopAssembler,
-    hop_to_wire,
+    MESSAGE_LIMIT,
+    BatchAssembler,
+    batch_to_wire,
+    max_logit_rows,
     result_from_wire,
     result_to_wire,
 )
@@ -34,44 +35,47 @@ def test_generated_code_matches_the_proto(tmp_path: Path):
             f"{fresh.name} is stale: run `python proto/generate.py`"
 
 
-def request(n: int = 5, start: int = 7, n_draft: int = 0, **kw) -> StepRequest:
-    return StepRequest(seq=1, start=start, tokens=list(range(100, 100 + n)),
-                       sampling=kw.pop("sampling", SamplingParams()), n_draft=n_draft,
-                       step_seed=42, step_id=9, **kw)
+def batch(n: int = 5, start: int = 7, n_draft: int = 0, **kw) -> Batch:
+    """Two sequences: `n` rows of sequence 1, then 2 rows of sequence 3."""
+    first = Slice(seq=1, start=start, tokens=list(range(100, 100 + n)),
+                  sampling=kw.pop("sampling", SamplingParams()), n_draft=n_draft,
+                  step_seed=42, **kw)
+    return Batch(9, [first, Slice(seq=3, start=0, tokens=[5, 6], judge=False)])
 
 
-def reassemble(messages: list[pb.ForwardMessage]) -> Hop:
-    assembler = HopAssembler()
-    hops = [assembler.add(pb.ForwardMessage.FromString(m.SerializeToString()))
-            for m in messages]
-    assert all(h is None for h in hops[:-1])
-    assert hops[-1] is not None
-    return hops[-1]
+def reassemble(messages: list[pb.ForwardMessage]) -> Activations:
+    assembler = BatchAssembler()
+    out = [assembler.add(pb.ForwardMessage.FromString(m.SerializeToString()))
+           for m in messages]
+    assert all(a is None for a in out[:-1])
+    assert out[-1] is not None
+    return out[-1]
 
 
-def test_long_prefill_is_chunked_under_the_limit_and_reassembled_exactly():
-    n, n_embd = 700, 1536  # 4.3 MB of f32 hidden states: one message would be too big
-    hidden = np.random.default_rng(0).standard_normal((n, n_embd)).astype(np.float32)
-    messages = hop_to_wire(Hop(request(n), hidden))
+def test_a_large_batch_is_chunked_under_the_limit_and_reassembled_exactly():
+    b = batch(698)  # 700 rows × 1536 × 4 = 4.3 MB of hidden states: over one chunk
+    hidden = np.random.default_rng(0).standard_normal((700, 1536)).astype(np.float32)
+    messages = batch_to_wire(Activations(b, hidden))
     assert len(messages) == -(-hidden.nbytes // CHUNK_BYTES) > 1
-    assert all(m.ByteSize() < MAX_MESSAGE_BYTES for m in messages)
-    hop = reassemble(messages)
-    assert hop.request == request(n)
-    assert hop.hidden is not None and np.array_equal(hop.hidden, hidden)
+    assert all(m.ByteSize() < CHUNK_BYTES + (1 << 16) for m in messages)
+    back = reassemble(messages)
+    assert back.batch == b
+    assert back.hidden is not None and np.array_equal(back.hidden, hidden)
 
 
 def test_f16_on_the_wire_halves_the_bytes():
-    hidden = np.linspace(-3, 3, 4 * 64, dtype=np.float32).reshape(4, 64)
-    (msg,) = hop_to_wire(Hop(request(4), hidden), f16=True)
+    hidden = np.linspace(-3, 3, 7 * 64, dtype=np.float32).reshape(7, 64)
+    (msg,) = batch_to_wire(Activations(batch(5), hidden), f16=True)
     assert len(msg.hidden) == hidden.nbytes // 2
-    assert np.allclose(reassemble([msg]).hidden, hidden, atol=2e-3)
+    back = reassemble([msg]).hidden
+    assert back is not None and np.allclose(back, hidden, atol=2e-3)
 
 
-def test_sampled_steps_carry_the_draft_distributions():
+def test_sampled_slices_carry_the_draft_distributions():
     dists = [SparseDist(np.array([5, 9]), np.array([0.25, 0.75])), SparseDist.point(3)]
-    r = request(3, n_draft=2, sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=40),
-                draft_dists=dists)
-    back = reassemble(hop_to_wire(Hop(r))).request
+    b = batch(3, n_draft=2, sampling=SamplingParams(temperature=0.8, top_p=0.9, top_k=40),
+              draft_dists=dists)
+    back = reassemble(batch_to_wire(Activations(b))).batch.slices[0]
     assert back.sampling == SamplingParams(temperature=0.8, top_k=40, top_p=0.9)
     assert [d.ids.tolist() for d in back.draft_dists] == [[5, 9], [3]]
     assert back.draft_dists[0].probs.tolist() == [0.25, 0.75]
@@ -79,39 +83,51 @@ def test_sampled_steps_carry_the_draft_distributions():
 
 def test_results_round_trip_with_logits():
     logits = np.arange(6, dtype=np.float32).reshape(2, 3)
-    result = StepResult(seq=2, step_id=4, accepted=[11], next_token=12, top2_gaps=[0.5, 1.0],
-                        logits=logits)
+    result = BatchResult(4, [SeqResult(seq=2, accepted=[11], next_token=12,
+                                       top2_gaps=[0.5, 1.0], logits=logits),
+                             SeqResult(seq=5, accepted=[], next_token=1, top2_gaps=[2.0])])
     back = result_from_wire(pb.ForwardReply.FromString(
         result_to_wire(result, 3.0).SerializeToString()))
-    assert (back.seq, back.step_id, back.accepted, back.next_token) == (2, 4, [11], 12)
-    assert back.logits is not None and np.array_equal(back.logits, logits)
+    first, second = back.results
+    assert back.batch_id == 4
+    assert (first.seq, first.accepted, first.next_token) == (2, [11], 12)
+    assert first.logits is not None and np.array_equal(first.logits, logits)
+    assert (second.seq, second.tokens, second.logits) == (5, [1], None)
+
+
+def test_logit_rows_a_reply_may_carry_fit_the_message_limit():
+    n = max_logit_rows(152064)  # QwQ's vocabulary
+    assert 4 * 152064 * n < MESSAGE_LIMIT and n >= 16  # a verify pass of γ = 15 fits
 
 
 def bad(**changes) -> pb.ForwardMessage:
-    (msg,) = hop_to_wire(Hop(request(4), np.zeros((4, 8), np.float32)))
+    (msg,) = batch_to_wire(Activations(batch(4), np.zeros((6, 8), np.float32)))
+    head = msg.slices[0]
     for key, value in changes.items():
+        target = msg if key in ("hidden", "n_embd", "dtype", "n_chunks") else head
         if isinstance(value, list):
-            del getattr(msg, key)[:]
-            getattr(msg, key).extend(value)
+            del getattr(target, key)[:]
+            getattr(target, key).extend(value)
         else:
-            setattr(msg, key, value)
+            setattr(target, key, value)
     return msg
 
 
 @pytest.mark.parametrize("changes, words", [
     ({"hidden": b"\0" * 100}, "bytes"),
-    ({"positions": [7, 8, 10, 11]}, "contiguous"),
-    ({"positions": [7, 8, 9]}, "positions"),
+    ({"tokens": [7, 8, 9]}, "bytes"),
     ({"n_draft": 4}, "draft"),
     ({"n_embd": 0}, "hidden"),
-    ({"positions": []}, "positions"),
+    ({"dtype": 7}, "dtype"),
+    ({"n_chunks": 1000}, "chunks"),
+    ({"tokens": [], "judge": True}, "only truncates"),
 ])
 def test_malformed_messages_are_refused(changes, words):
     with pytest.raises(InvalidForward, match=words):
-        HopAssembler().add(bad(**changes))
+        BatchAssembler().add(bad(**changes))
 
 
 def test_a_chunk_without_its_head_is_refused():
-    messages = hop_to_wire(Hop(request(700), np.zeros((700, 1536), np.float32)))
+    messages = batch_to_wire(Activations(batch(698), np.zeros((700, 1536), np.float32)))
     with pytest.raises(InvalidForward, match="first chunk"):
-        HopAssembler().add(messages[1])
+        BatchAssembler().add(messages[1])

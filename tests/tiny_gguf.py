@@ -11,30 +11,36 @@ N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_VOCAB = 64, 4, 2, 128, 96
 
 
 def write_tiny_model(path: Path, arch: str = "qwen2", n_layer: int = 4, tied: bool = False,
-                     seed: int = 0) -> Path:
-    """A qwen2/qwen3/llama-shaped model with f32 weights and no real tokenizer."""
+                     seed: int = 0, vocab_from: Path | None = None, n_ctx: int = 256) -> Path:
+    """A qwen2/qwen3/llama-shaped model with random weights: f32 with no real tokenizer,
+    or, `vocab_from` a GGUF, that model's tokenizer and chat template (its 152k-row
+    embedding and head in f16): a chat model that decodes in a millisecond a token."""
     rng = np.random.default_rng(seed)
     head_dim = N_EMBD // N_HEAD
 
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+    def w(*shape: int, dtype: type = np.float32) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.08).astype(dtype)
 
     writer = GGUFWriter(str(path), arch)
     writer.add_name(f"tiny-{arch}")
     writer.add_block_count(n_layer)
-    writer.add_context_length(256)
+    writer.add_context_length(n_ctx)
     writer.add_embedding_length(N_EMBD)
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_vocab_size(N_VOCAB)
-    writer.add_tokenizer_model("none")
+    n_vocab, big = N_VOCAB, np.float32
+    if vocab_from is None:
+        writer.add_vocab_size(N_VOCAB)
+        writer.add_tokenizer_model("none")
+    else:
+        n_vocab, big = _copy_tokenizer(writer, vocab_from), np.float16
     writer.add_string("general.tiny_marker", "copied-to-every-stage")
-    writer.add_tensor("token_embd.weight", w(N_VOCAB, N_EMBD))
+    writer.add_tensor("token_embd.weight", w(n_vocab, N_EMBD, dtype=big))
     if not tied:
-        writer.add_tensor("output.weight", w(N_VOCAB, N_EMBD))
+        writer.add_tensor("output.weight", w(n_vocab, N_EMBD, dtype=big))
     writer.add_tensor("output_norm.weight", 1 + w(N_EMBD))
     for i in range(n_layer):
         p = f"blk.{i}."
@@ -59,3 +65,32 @@ def write_tiny_model(path: Path, arch: str = "qwen2", n_layer: int = 4, tied: bo
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _copy_tokenizer(writer: GGUFWriter, source: Path) -> int:
+    """The tokenizer (and chat template) of `source`; returns its vocabulary size."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(source)).fields
+
+    def strings(key: str) -> list[str]:
+        f = fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def scalar(key: str) -> int:
+        f = fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    tokens = strings("tokenizer.ggml.tokens")
+    writer.add_tokenizer_model(strings("tokenizer.ggml.model")[0])
+    writer.add_tokenizer_pre(strings("tokenizer.ggml.pre")[0])
+    writer.add_token_list(tokens)
+    types = fields["tokenizer.ggml.token_type"]
+    writer.add_token_types([int(types.parts[i][0]) for i in types.data])
+    writer.add_token_merges(strings("tokenizer.ggml.merges"))
+    writer.add_eos_token_id(scalar("tokenizer.ggml.eos_token_id"))
+    writer.add_bos_token_id(scalar("tokenizer.ggml.bos_token_id"))
+    writer.add_pad_token_id(scalar("tokenizer.ggml.padding_token_id"))
+    writer.add_add_bos_token(bool(scalar("tokenizer.ggml.add_bos_token")))
+    writer.add_chat_template(strings("tokenizer.chat_template")[0])
+    return len(tokens)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
 from cluster.auth import read_token, tls_from_args
-from worker.server import WorkerOptions, run_worker
+from cluster.errors import SpecshardError
+from cluster.hardware import GpuInfo, gpus
+from worker.options import WorkerOptions
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,12 +27,45 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--name", default="", help="name in logs and errors (default host:port)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     p.add_argument("--pin", type=int, metavar="CORE", help="run on this CPU core only")
+    p.add_argument("--gpu", type=int, metavar="N",
+                   help="use only GPU N (nvidia-smi's numbering): one worker per GPU")
     p.set_defaults(handler=run)
 
 
+def check_gpu(index: int, found: list[GpuInfo], error: str) -> GpuInfo:
+    """The GPU `--gpu index` names among this machine's, or why there is none."""
+    if not found:
+        raise SpecshardError(f"--gpu {index}: no NVIDIA GPU on this machine "
+                             f"({error or 'NVML lists none'})")
+    for gpu in found:
+        if gpu.index == index:
+            return gpu
+    listing = ", ".join(f"{g.index} ({g.name})" for g in found)
+    raise SpecshardError(f"--gpu {index}: no such GPU; this machine has {listing}")
+
+
+def use_gpu(index: int) -> None:
+    """Show this process GPU `index` only. llama.cpp spreads a model over every GPU it
+    sees (split mode "layer" is its default), and a stage belongs on one GPU."""
+    gpu = check_gpu(index, *gpus(None))
+    # PCI bus order makes CUDA's device numbers nvidia-smi's (and NVML's), which is how
+    # `index` was checked and how cluster.hardware reads the variable back.
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    log.info("using GPU %d (%s) only", index, gpu.name)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        use_gpu(args.gpu)
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
+    # Imported after use_gpu: CUDA reads CUDA_VISIBLE_DEVICES once, when llama.cpp first
+    # lists its devices (llama_backend_init → ggml_backend_reg_count → ggml_cuda_init).
+    # Importing llama_cpp does not do that today; nothing in the worker's import chain
+    # gets the chance to start doing it first.
+    from worker.server import run_worker
+
     token = read_token(args.token_file) if args.token_file else None
     options = WorkerOptions(listen=args.listen, token=token,
                             tls=tls_from_args(args.tls_cert, args.tls_key, args.tls_ca),

@@ -4,43 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from cluster.auth import call_metadata
+from cluster.auth import call_metadata, split_address
 from cluster.errors import SpecshardError
-from cluster.messages import Hop, Peer
+from cluster.messages import Peer
 from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
-from cluster.wire_convert import MAX_MESSAGE_BYTES, hop_to_wire
-
-if TYPE_CHECKING:
-    from worker.server import WorkerOptions
+from cluster.wire_convert import CHANNEL_OPTIONS, error_to_wire
+from worker.options import WorkerOptions
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0
-_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + (1 << 16)),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + (1 << 16))]
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class DownstreamUnavailable(SpecshardError):
-    """The next worker cannot be reached; the step is lost and the coordinator told."""
+    """The next worker cannot be reached; the batch is lost and the coordinator told."""
 
 
 class Downstream:
-    def __init__(self, peer: Peer, options: WorkerOptions, f16: bool = False) -> None:
+    """Sends finished batches on; a broken stream fails every batch past this worker.
+
+    A batch handed on is answered by the last worker, so this worker cannot tell which of
+    the batches it sent were lost with the stream: it reports them all lost at once (an
+    UNAVAILABLE error for batch 0 to its subscribers), and the coordinator recovers
+    instead of waiting for answers that will not come.
+    """
+
+    def __init__(self, peer: Peer, options: WorkerOptions,
+                 publish: Callable[[pb.ForwardReply], None]) -> None:
         self.peer = peer
         self._options = options
-        self._f16 = f16  # halve the bytes on the wire, at the cost of bit-exactness
+        self._publish = publish
         self._channel: grpc.aio.Channel | None = None
         self._queue: asyncio.Queue[pb.ForwardMessage | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False
 
     def _open_channel(self) -> grpc.aio.Channel:
-        options: list[tuple[str, int | str]] = list(_OPTIONS)
+        options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
         if self.peer.server_name:
             options.append(("grpc.ssl_target_name_override", self.peer.server_name))
         if self.peer.tls:
@@ -52,21 +57,34 @@ class Downstream:
         return grpc.aio.insecure_channel(self.peer.address, options)
 
     async def connect(self) -> None:
+        if self._channel is not None:  # a reconnect: the old channel goes first
+            await self._channel.close()
+            self._channel = None
+        await self._reachable()
         self._channel = self._open_channel()
         try:
             await asyncio.wait_for(self._channel.channel_ready(), CONNECT_TIMEOUT_S)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not TimeoutError: they differ before Python 3.11
             raise DownstreamUnavailable(
                 f"cannot reach the next worker at {self.peer.address}") from None
-        self._start_stream()
-
-    def _start_stream(self) -> None:
-        assert self._channel is not None
         self._queue = asyncio.Queue()
         stub = pb_grpc.WorkerStub(self._channel)
         call = stub.Forward(self._requests(self._queue),
                             metadata=call_metadata(self._options.token))
         self._reader = asyncio.create_task(self._read(call))
+
+    async def _reachable(self) -> None:
+        """A refused connection fails at once: gRPC would retry it for the whole
+        CONNECT_TIMEOUT_S while this worker's stream waits."""
+        host, port = split_address(self.peer.address)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5.0)
+        except ConnectionRefusedError:
+            raise DownstreamUnavailable(
+                f"the next worker at {self.peer.address} refused the connection") from None
+        except (OSError, asyncio.TimeoutError):
+            return  # a slow route or a box still booting: gRPC gets the full wait
+        writer.close()
 
     @staticmethod
     async def _requests(queue: asyncio.Queue[pb.ForwardMessage | None]
@@ -78,13 +96,15 @@ class Downstream:
         try:
             async for reply in call:
                 # The next worker already told its subscribers; this is for our log.
-                log.warning("downstream %s refused step %d: %s", self.peer.address,
-                            reply.step_id, reply.error.message)
+                log.warning("downstream %s refused batch %d: %s", self.peer.address,
+                            reply.batch_id, reply.error.message)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                log.warning("stream to %s ended: %s", self.peer.address, exc.details())
+            if exc.code() != grpc.StatusCode.CANCELLED and not self._closing:
+                why = f"the stream to {self.peer.address} broke: {exc.details()}"
+                log.warning("%s", why)
+                self._publish(error_to_wire(0, _UNAVAILABLE, why, self._options.name))
 
-    async def send(self, hop: Hop) -> None:
+    async def send(self, batch_id: int, messages: list[pb.ForwardMessage]) -> None:
         if self._reader is None or self._reader.done():
             if self._reader is not None:  # the stream broke: try once to open a new one
                 log.info("reopening the stream to %s", self.peer.address)
@@ -95,15 +115,16 @@ class Downstream:
             except Exception as exc:
                 raise DownstreamUnavailable(
                     f"the next worker at {self.peer.address} is unavailable: {exc}") from exc
-        for msg in hop_to_wire(hop, f16=False if hop.cancel else self._f16):
+        for msg in messages:
             self._queue.put_nowait(msg)
 
     async def close(self) -> None:
+        self._closing = True
         self._queue.put_nowait(None)
         if self._reader:
             try:
                 await asyncio.wait_for(self._reader, 2.0)
-            except (TimeoutError, asyncio.CancelledError):
+            except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._reader.cancel()
         if self._channel:
             await self._channel.close()

@@ -1,24 +1,29 @@
 """A stage plus what the worker does with its output: pass hidden states on, or judge.
 
-Runs in the worker's single compute thread; everything here is synchronous.
+Runs in the worker's single compute thread; everything here is synchronous. The wire
+messages are built here too, so the event loop only moves finished messages.
 """
 
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import llama_cpp
-import numpy as np
 
 from cluster.errors import InvalidForward, SpecshardError
-from cluster.messages import Hop, LoadSpec, StepResult
-from cluster.model_info import KvType
-from cluster.stage_cut import cut_stage
-from worker.judge import judge, logit_rows
-from worker.stage import Stage, StageConfig
+from cluster.gguf_file import read_header
+from cluster.judge import judge
+from cluster.llama.stage import Stage, StageConfig
+from cluster.messages import Activations, BatchResult, LoadSpec
+from cluster.model_info import KvType, model_info
+from cluster.stage_cut import StageSpec, cut_stage
+from cluster.wire import worker_pb2 as pb
+from cluster.wire_convert import batch_to_wire, max_logit_rows, result_to_wire
 
 
 def versions() -> dict[str, str]:
@@ -40,43 +45,71 @@ def _kv(name: str) -> KvType:
         raise SpecshardError(f"unknown KV type {name!r}: use f16 or q8_0") from None
 
 
+def _config(model: Path, spec: LoadSpec, stage_path: Path) -> StageConfig:
+    return StageConfig(
+        stage_path=stage_path, model_path=model if spec.begin == 0 else None,
+        n_ctx=spec.n_ctx, n_seq_max=spec.n_seq_max, type_k=_kv(spec.type_k),
+        type_v=_kv(spec.type_v), flash_attn=spec.flash_attn, n_threads=spec.n_threads or 1)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a batch turned into: messages for the next worker, or the reply to publish."""
+
+    downstream: list[pb.ForwardMessage]
+    reply: pb.ForwardReply | None
+    stage_ms: float
+
+
 class StageRunner:
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, wire_f16: bool = False) -> None:
         self.stage = stage
+        self.wire_f16 = wire_f16  # halve the bytes downstream, at the cost of exactness
+
+    @staticmethod
+    def check(model: Path, spec: LoadSpec) -> None:
+        """Raise SpecshardError unless `spec` fits `model`; reads only the header."""
+        if spec.n_ctx < 1 or spec.n_seq_max < 1:
+            raise SpecshardError("a stage needs n_ctx ≥ 1 and n_seq_max ≥ 1")
+        StageSpec(spec.begin, spec.end, model_info(read_header(model)).n_layer)
+        _config(model, spec, model)  # the stage file is not cut yet: any path checks
 
     @classmethod
     def open(cls, model: Path, spec: LoadSpec,
              on_bytes: Callable[[int, int], None] | None = None) -> StageRunner:
-        if spec.n_ctx < 1 or spec.n_seq_max < 1:
-            raise SpecshardError("a stage needs n_ctx ≥ 1 and n_seq_max ≥ 1")
+        cls.check(model, spec)
         path = cut_stage(model, spec.begin, spec.end, on_bytes=on_bytes)
-        stage = Stage(StageConfig(
-            stage_path=path, model_path=model if spec.begin == 0 else None, n_ctx=spec.n_ctx,
-            n_seq_max=spec.n_seq_max, type_k=_kv(spec.type_k), type_v=_kv(spec.type_v),
-            flash_attn=spec.flash_attn, n_threads=spec.n_threads or 1))
-        return cls(stage)
+        return cls(Stage(_config(model, spec, path)), spec.wire_f16)
 
-    def run(self, hop: Hop) -> Hop | StepResult | None:
-        """Hidden states for downstream (a Hop), the verdict (last stage), or a cancel."""
-        r, stage = hop.request, self.stage
-        if hop.cancel:
-            stage.truncate(r.seq, min(r.start, stage.length(r.seq)))
-            return None if stage.is_last else hop
-        rows = logit_rows(r) if stage.is_last else None
-        if stage.is_first:
-            if hop.hidden is not None:
-                raise InvalidForward("the first stage takes token ids, not hidden states")
-            out = stage.forward(r.seq, r.start, tokens=np.asarray(r.tokens), logit_rows=rows)
-        else:
-            if hop.hidden is None:
-                raise InvalidForward("this stage takes hidden states, none were sent")
-            out = stage.forward(r.seq, r.start, hidden=hop.hidden, logit_rows=rows)
+    @property
+    def capture(self) -> str:
+        return self.stage.capture.kind if self.stage.capture is not None else ""
+
+    def run(self, acts: Activations) -> Outcome:
+        """Compute a batch: hidden states for downstream, or the last stage's verdicts."""
+        batch, stage = acts.batch, self.stage
         if stage.is_last:
-            return judge(r, out)
-        return Hop(r, hidden=out)
+            asked = sum(len(s.judged_rows) for s in batch.slices if s.return_logits)
+            if asked > max_logit_rows(stage.n_vocab):
+                raise InvalidForward(f"{asked} rows of logits asked for; a reply holds at "
+                                     f"most {max_logit_rows(stage.n_vocab)}")
+        t0 = time.perf_counter()
+        out = stage.forward(batch.slices, acts.hidden)
+        stage_ms = 1000 * (time.perf_counter() - t0)
+        if not stage.is_last:
+            assert not isinstance(out, list)
+            return Outcome(batch_to_wire(Activations(batch, out), f16=self.wire_f16), None,
+                           stage_ms)
+        assert isinstance(out, list)
+        verdicts = [judge(s, logits) for s, logits in zip(batch.slices, out, strict=True)
+                    if s.judge and s.tokens]
+        return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts), stage_ms),
+                       stage_ms)
 
     def truncate(self, seqs: list[int], length: int) -> list[int]:
         targets = seqs or list(range(self.stage.config.n_seq_max))
+        for seq in targets:  # every one known before any is cut: a refusal changes nothing
+            self.stage.length(seq)
         for seq in targets:
             self.stage.truncate(seq, min(length, self.stage.length(seq)))
         return [self.stage.length(seq) for seq in targets]

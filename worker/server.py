@@ -17,27 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster import models
-from cluster.auth import TlsFiles, check_listen
+from cluster.auth import check_listen
 from cluster.errors import InvalidForward, SpecshardError
-from cluster.messages import Hop, LoadSpec, LoadUpdate, NodeInfo
+from cluster.messages import Activations, LoadSpec, LoadUpdate, NodeInfo
 from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
 from cluster.wire_convert import (
-    MAX_MESSAGE_BYTES,
-    HopAssembler,
+    CHANNEL_OPTIONS,
+    BatchAssembler,
     error_to_wire,
     load_from_wire,
     node_to_wire,
     progress_to_wire,
-    result_to_wire,
     timing_to_wire,
 )
 from worker.auth import TokenInterceptor
 from worker.downstream import Downstream, DownstreamUnavailable
+from worker.options import WorkerOptions
 from worker.runner import StageRunner, versions
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + (1 << 16)),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + (1 << 16))]
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    listen: str = "127.0.0.1:0"
-    token: str | None = None
-    tls: TlsFiles | None = None
-    name: str = ""
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -77,8 +68,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         from cluster.hardware import host_info
 
         host = await asyncio.to_thread(host_info)
-        n_layer = self._runner.stage.model_n_layer if self._runner else 0
-        return node_to_wire(NodeInfo(host, versions(), self._spec, n_layer))
+        runner = self._runner
+        n_layer = runner.stage.model_n_layer if runner else 0
+        return node_to_wire(NodeInfo(host, versions(), self._spec, n_layer,
+                                     runner.capture if runner else ""))
 
     async def LoadStage(self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb.LoadProgress]:
@@ -93,8 +86,11 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def _load(self, spec: LoadSpec) -> AsyncIterator[LoadUpdate]:
         loop = asyncio.get_running_loop()
         if self._runner is None or self._spec is None or not self._spec_same_stage(spec):
-            await self._health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            # Checked before the running stage is let go: a stage that cannot load leaves
+            # the worker serving (and holding the caches of) the one it has.
             model = await asyncio.to_thread(models.resolve, spec.model_path)
+            await asyncio.to_thread(StageRunner.check, model, spec)
+            await self._health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
             updates: asyncio.Queue[LoadUpdate] = asyncio.Queue()
 
             def report(done: int, total: int) -> None:
@@ -108,7 +104,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             while not task.done() or not updates.empty():
                 try:
                     yield await asyncio.wait_for(updates.get(), 0.2)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not TimeoutError: they differ before 3.11
                     continue
             self._runner = await task
             yield LoadUpdate("LOAD", 1.0, f"layers {spec.begin}:{spec.end} loaded")
@@ -117,7 +113,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             await self._downstream.close()
             self._downstream = None
         if spec.downstream:
-            self._downstream = Downstream(spec.downstream, self.options, spec.wire_f16)
+            self._downstream = Downstream(spec.downstream, self.options, self._publish)
             await self._downstream.connect()
             yield LoadUpdate("CONNECT", 1.0, f"streaming to {spec.downstream.address}")
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -149,43 +145,46 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def Forward(self, request_iterator: AsyncIterator[pb.ForwardMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ForwardReply]:
-        assembler = HopAssembler()
-        async for msg in request_iterator:
+        assembler = BatchAssembler()
+        async for msg in _parsed(request_iterator, context):
             try:
-                hop = assembler.add(msg)
-                if hop is not None:
-                    await self._process(hop)
+                acts = assembler.add(msg)
+                if acts is not None:
+                    await self._process(acts)
             except InvalidForward as exc:
-                reply = error_to_wire(msg.seq, msg.step_id, _INVALID, str(exc), self.name)
-                self._publish(reply)
-                yield reply
+                yield self._refuse(msg.batch_id, _INVALID, str(exc))
             except DownstreamUnavailable as exc:
-                reply = error_to_wire(msg.seq, msg.step_id, _UNAVAILABLE, str(exc), self.name)
-                self._publish(reply)
-                yield reply
+                yield self._refuse(msg.batch_id, _UNAVAILABLE, str(exc))
             except Exception as exc:  # a bug or llama.cpp failure: report, keep serving
-                log.exception("step %d of sequence %d failed", msg.step_id, msg.seq)
-                reply = error_to_wire(msg.seq, msg.step_id, _INTERNAL, str(exc), self.name)
-                self._publish(reply)
-                yield reply
+                log.exception("batch %d failed", msg.batch_id)
+                yield self._refuse(msg.batch_id, _INTERNAL, str(exc))
+        if assembler.pending is not None:
+            # The sender left inside a batch: tell it, on its own stream only (the
+            # coordinator learns of a lost upstream from that worker's Results, and recovers
+            # rather than failing the batch's requests).
+            yield error_to_wire(assembler.pending, _INVALID, f"the stream ended before the "
+                                f"last chunk of batch {assembler.pending}", self.name)
 
-    async def _process(self, hop: Hop) -> None:
+    def _refuse(self, batch_id: int, code: int, why: str) -> pb.ForwardReply:
+        reply = error_to_wire(batch_id, code, why, self.name)
+        self._publish(reply)
+        return reply
+
+    async def _process(self, acts: Activations) -> None:
         runner = self._runner
         if runner is None:
             raise InvalidForward("no stage loaded")
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        outcome = await loop.run_in_executor(self._compute, runner.run, hop)
-        stage_ms = 1000 * (time.perf_counter() - t0)
-        r = hop.request
-        if isinstance(outcome, Hop):  # hidden states (or a cancel) for the next worker
-            if self._downstream is None:
-                raise InvalidForward("this stage has no downstream worker")
-            await self._downstream.send(outcome)
-            if not hop.cancel:
-                self._publish(timing_to_wire(r.seq, r.step_id, stage_ms))
-        elif outcome is not None:
-            self._publish(result_to_wire(outcome, stage_ms))
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            self._compute, runner.run, acts)
+        if outcome.reply is not None:  # the last stage's verdicts
+            self._publish(outcome.reply)
+            return
+        if self._downstream is None:
+            raise InvalidForward("this stage has no downstream worker")
+        await self._downstream.send(acts.batch.batch_id, outcome.downstream)
+        self._publish(timing_to_wire(acts.batch.batch_id, outcome.stage_ms,
+                                     1000 * (time.perf_counter() - t0)))
 
     def _publish(self, reply: pb.ForwardReply) -> None:
         for queue in self._subscribers:
@@ -209,6 +208,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             await asyncio.get_running_loop().run_in_executor(self._compute,
                                                              self._runner.close)
         self._compute.shutdown(wait=True)
+
+
+async def _parsed(messages: AsyncIterator[pb.ForwardMessage],
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ForwardMessage]:
+    """The stream's messages; bytes that are no message end it INVALID_ARGUMENT (gRPC would
+    report the parser's exception as UNKNOWN)."""
+    try:
+        async for msg in messages:
+            yield msg
+    except DecodeError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message does not parse: {exc}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0cspecshard.v1\"\x11\n\x0fNodeInfoRequest\"\x8f\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x05 \x01(\r\x12\x15\n\rtemperature_c\x18\x06 \x01(\r\x12\x0e\n\x06\x64river\x18\x07 \x01(\t\"\xa8\x01\n\tStageInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x15\n\rmodel_n_layer\x18\x04 \x01(\r\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x11\n\tn_seq_max\x18\x06 \x01(\r\x12\x0e\n\x06type_k\x18\x07 \x01(\t\x12\x0e\n\x06type_v\x18\x08 \x01(\t\x12\x12\n\ndownstream\x18\t \x01(\t\"\xc4\x02\n\x08NodeInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0b\n\x03\x63pu\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x17\n\x0fram_total_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x06 \x01(\x04\x12\x1f\n\x04gpus\x18\x07 \x03(\x0b\x32\x11.specshard.v1.Gpu\x12\x36\n\x08versions\x18\x08 \x03(\x0b\x32$.specshard.v1.NodeInfo.VersionsEntry\x12&\n\x05stage\x18\t \x01(\x0b\x32\x17.specshard.v1.StageInfo\x12\x11\n\tgpu_error\x18\n \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x04Peer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\"\x82\x02\n\x10LoadStageRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05n_ctx\x18\x04 \x01(\r\x12\x11\n\tn_seq_max\x18\x05 \x01(\r\x12\x0e\n\x06type_k\x18\x06 \x01(\t\x12\x0e\n\x06type_v\x18\x07 \x01(\t\x12\x12\n\nflash_attn\x18\x08 \x01(\x08\x12\x11\n\tn_threads\x18\t \x01(\r\x12&\n\ndownstream\x18\n \x01(\x0b\x32\x12.specshard.v1.Peer\x12-\n\nwire_dtype\x18\x0b \x01(\x0e\x32\x19.specshard.v1.HiddenDType\"\xac\x01\n\x0cLoadProgress\x12/\n\x05phase\x18\x01 \x01(\x0e\x32 .specshard.v1.LoadProgress.Phase\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"I\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x43UT\x10\x01\x12\x08\n\x04LOAD\x10\x02\x12\x0b\n\x07\x43ONNECT\x10\x03\x12\t\n\x05READY\x10\x04\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"\xe6\x02\n\x0e\x46orwardMessage\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x11\n\tpositions\x18\x03 \x03(\x05\x12\x0e\n\x06tokens\x18\x04 \x03(\x05\x12\x0e\n\x06hidden\x18\x05 \x01(\x0c\x12(\n\x05\x64type\x18\x06 \x01(\x0e\x32\x19.specshard.v1.HiddenDType\x12\x0e\n\x06n_embd\x18\x07 \x01(\r\x12\x0f\n\x07n_draft\x18\x08 \x01(\r\x12-\n\x0b\x64raft_dists\x18\t \x03(\x0b\x32\x18.specshard.v1.SparseDist\x12(\n\x08sampling\x18\n \x01(\x0b\x32\x16.specshard.v1.Sampling\x12\x11\n\tstep_seed\x18\x0b \x01(\x04\x12\x13\n\x0b\x63hunk_index\x18\x0c \x01(\r\x12\x10\n\x08n_chunks\x18\r \x01(\r\x12\x0e\n\x06\x63\x61ncel\x18\x0e \x01(\x08\x12\x15\n\rreturn_logits\x18\x0f \x01(\x08\"f\n\nStepResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x05\x12\x12\n\nnext_token\x18\x02 \x01(\x05\x12\x11\n\ttop2_gaps\x18\x03 \x03(\x02\x12\x0e\n\x06logits\x18\x04 \x01(\x0c\x12\x0f\n\x07n_vocab\x18\x05 \x01(\r\":\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\"\x9f\x01\n\x0c\x46orwardReply\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.specshard.v1.StepResultH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.specshard.v1.StepErrorH\x00\x12\x10\n\x08stage_ms\x18\x05 \x01(\x02\x42\t\n\x07outcome\"\x10\n\x0eResultsRequest\"/\n\x0fTruncateRequest\x12\x0c\n\x04seqs\x18\x01 \x03(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\" \n\rTruncateReply\x12\x0f\n\x07lengths\x18\x01 \x03(\r*9\n\x0bHiddenDType\x12\x14\n\x10HIDDEN_DTYPE_F32\x10\x00\x12\x14\n\x10HIDDEN_DTYPE_F16\x10\x01\x32\xf1\x02\n\x06Worker\x12\x44\n\x0bGetNodeInfo\x12\x1d.specshard.v1.NodeInfoRequest\x1a\x16.specshard.v1.NodeInfo\x12I\n\tLoadStage\x12\x1e.specshard.v1.LoadStageRequest\x1a\x1a.specshard.v1.LoadProgress0\x01\x12G\n\x07\x46orward\x12\x1c.specshard.v1.ForwardMessage\x1a\x1a.specshard.v1.ForwardReply(\x01\x30\x01\x12\x45\n\x07Results\x12\x1c.specshard.v1.ResultsRequest\x1a\x1a.specshard.v1.ForwardReply0\x01\x12\x46\n\x08Truncate\x12\x1d.specshard.v1.TruncateRequest\x1a\x1b.specshard.v1.TruncateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x0cspecshard.v1\"\x11\n\x0fNodeInfoRequest\"\x8f\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13utilization_percent\x18\x05 \x01(\r\x12\x15\n\rtemperature_c\x18\x06 \x01(\r\x12\x0e\n\x06\x64river\x18\x07 \x01(\t\"\xb9\x01\n\tStageInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x15\n\rmodel_n_layer\x18\x04 \x01(\r\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12\x11\n\tn_seq_max\x18\x06 \x01(\r\x12\x0e\n\x06type_k\x18\x07 \x01(\t\x12\x0e\n\x06type_v\x18\x08 \x01(\t\x12\x12\n\ndownstream\x18\t \x01(\t\x12\x0f\n\x07\x63\x61pture\x18\n \x01(\t\"\xc4\x02\n\x08NodeInfo\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x0b\n\x03\x63pu\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x17\n\x0fram_total_bytes\x18\x05 \x01(\x04\x12\x1b\n\x13ram_available_bytes\x18\x06 \x01(\x04\x12\x1f\n\x04gpus\x18\x07 \x03(\x0b\x32\x11.specshard.v1.Gpu\x12\x36\n\x08versions\x18\x08 \x03(\x0b\x32$.specshard.v1.NodeInfo.VersionsEntry\x12&\n\x05stage\x18\t \x01(\x0b\x32\x17.specshard.v1.StageInfo\x12\x11\n\tgpu_error\x18\n \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x04Peer\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03tls\x18\x02 \x01(\x08\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\"\x82\x02\n\x10LoadStageRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\r\n\x05\x62\x65gin\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05n_ctx\x18\x04 \x01(\r\x12\x11\n\tn_seq_max\x18\x05 \x01(\r\x12\x0e\n\x06type_k\x18\x06 \x01(\t\x12\x0e\n\x06type_v\x18\x07 \x01(\t\x12\x12\n\nflash_attn\x18\x08 \x01(\x08\x12\x11\n\tn_threads\x18\t \x01(\r\x12&\n\ndownstream\x18\n \x01(\x0b\x32\x12.specshard.v1.Peer\x12-\n\nwire_dtype\x18\x0b \x01(\x0e\x32\x19.specshard.v1.HiddenDType\"\xac\x01\n\x0cLoadProgress\x12/\n\x05phase\x18\x01 \x01(\x0e\x32 .specshard.v1.LoadProgress.Phase\x12\x10\n\x08\x66raction\x18\x02 \x01(\x02\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"I\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x43UT\x10\x01\x12\x08\n\x04LOAD\x10\x02\x12\x0b\n\x07\x43ONNECT\x10\x03\x12\t\n\x05READY\x10\x04\"=\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\"(\n\nSparseDist\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x01\"\xd6\x01\n\x05Slice\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0f\n\x07n_draft\x18\x04 \x01(\r\x12-\n\x0b\x64raft_dists\x18\x05 \x03(\x0b\x32\x18.specshard.v1.SparseDist\x12(\n\x08sampling\x18\x06 \x01(\x0b\x32\x16.specshard.v1.Sampling\x12\x11\n\tstep_seed\x18\x07 \x01(\x04\x12\r\n\x05judge\x18\x08 \x01(\x08\x12\x15\n\rreturn_logits\x18\t \x01(\x08\"\xb8\x01\n\x0e\x46orwardMessage\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12#\n\x06slices\x18\x02 \x03(\x0b\x32\x13.specshard.v1.Slice\x12\x0e\n\x06hidden\x18\x03 \x01(\x0c\x12(\n\x05\x64type\x18\x04 \x01(\x0e\x32\x19.specshard.v1.HiddenDType\x12\x0e\n\x06n_embd\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_index\x18\x06 \x01(\r\x12\x10\n\x08n_chunks\x18\x07 \x01(\r\"r\n\tSeqResult\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x03(\x05\x12\x12\n\nnext_token\x18\x03 \x01(\x05\x12\x11\n\ttop2_gaps\x18\x04 \x03(\x02\x12\x0e\n\x06logits\x18\x05 \x01(\x0c\x12\x0f\n\x07n_vocab\x18\x06 \x01(\r\"7\n\x0b\x42\x61tchResult\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.specshard.v1.SeqResult\":\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06worker\x18\x03 \x01(\t\"\xa5\x01\n\x0c\x46orwardReply\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.specshard.v1.BatchResultH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.specshard.v1.StepErrorH\x00\x12\x10\n\x08stage_ms\x18\x04 \x01(\x02\x12\x0f\n\x07\x62usy_ms\x18\x05 \x01(\x02\x42\t\n\x07outcome\"\x10\n\x0eResultsRequest\"/\n\x0fTruncateRequest\x12\x0c\n\x04seqs\x18\x01 \x03(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\" \n\rTruncateReply\x12\x0f\n\x07lengths\x18\x01 \x03(\r*9\n\x0bHiddenDType\x12\x14\n\x10HIDDEN_DTYPE_F32\x10\x00\x12\x14\n\x10HIDDEN_DTYPE_F16\x10\x01\x32\xf1\x02\n\x06Worker\x12\x44\n\x0bGetNodeInfo\x12\x1d.specshard.v1.NodeInfoRequest\x1a\x16.specshard.v1.NodeInfo\x12I\n\tLoadStage\x12\x1e.specshard.v1.LoadStageRequest\x1a\x1a.specshard.v1.LoadProgress0\x01\x12G\n\x07\x46orward\x12\x1c.specshard.v1.ForwardMessage\x1a\x1a.specshard.v1.ForwardReply(\x01\x30\x01\x12\x45\n\x07Results\x12\x1c.specshard.v1.ResultsRequest\x1a\x1a.specshard.v1.ForwardReply0\x01\x12\x46\n\x08Truncate\x12\x1d.specshard.v1.TruncateRequest\x1a\x1b.specshard.v1.TruncateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO_VERSIONSENTRY']._loaded_options = None
   _globals['_NODEINFO_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_HIDDENDTYPE']._serialized_start=2081
-  _globals['_HIDDENDTYPE']._serialized_end=2138
+  _globals['_HIDDENDTYPE']._serialized_start=2216
+  _globals['_HIDDENDTYPE']._serialized_end=2273
   _globals['_NODEINFOREQUEST']._serialized_start=30
   _globals['_NODEINFOREQUEST']._serialized_end=47
   _globals['_GPU']._serialized_start=50
   _globals['_GPU']._serialized_end=193
   _globals['_STAGEINFO']._serialized_start=196
-  _globals['_STAGEINFO']._serialized_end=364
-  _globals['_NODEINFO']._serialized_start=367
-  _globals['_NODEINFO']._serialized_end=691
-  _globals['_NODEINFO_VERSIONSENTRY']._serialized_start=644
-  _globals['_NODEINFO_VERSIONSENTRY']._serialized_end=691
-  _globals['_PEER']._serialized_start=693
-  _globals['_PEER']._serialized_end=750
-  _globals['_LOADSTAGEREQUEST']._serialized_start=753
-  _globals['_LOADSTAGEREQUEST']._serialized_end=1011
-  _globals['_LOADPROGRESS']._serialized_start=1014
-  _globals['_LOADPROGRESS']._serialized_end=1186
-  _globals['_LOADPROGRESS_PHASE']._serialized_start=1113
-  _globals['_LOADPROGRESS_PHASE']._serialized_end=1186
-  _globals['_SAMPLING']._serialized_start=1188
-  _globals['_SAMPLING']._serialized_end=1249
-  _globals['_SPARSEDIST']._serialized_start=1251
-  _globals['_SPARSEDIST']._serialized_end=1291
-  _globals['_FORWARDMESSAGE']._serialized_start=1294
-  _globals['_FORWARDMESSAGE']._serialized_end=1652
-  _globals['_STEPRESULT']._serialized_start=1654
-  _globals['_STEPRESULT']._serialized_end=1756
-  _globals['_STEPERROR']._serialized_start=1758
-  _globals['_STEPERROR']._serialized_end=1816
-  _globals['_FORWARDREPLY']._serialized_start=1819
-  _globals['_FORWARDREPLY']._serialized_end=1978
-  _globals['_RESULTSREQUEST']._serialized_start=1980
-  _globals['_RESULTSREQUEST']._serialized_end=1996
-  _globals['_TRUNCATEREQUEST']._serialized_start=1998
-  _globals['_TRUNCATEREQUEST']._serialized_end=2045
-  _globals['_TRUNCATEREPLY']._serialized_start=2047
-  _globals['_TRUNCATEREPLY']._serialized_end=2079
-  _globals['_WORKER']._serialized_start=2141
-  _globals['_WORKER']._serialized_end=2510
+  _globals['_STAGEINFO']._serialized_end=381
+  _globals['_NODEINFO']._serialized_start=384
+  _globals['_NODEINFO']._serialized_end=708
+  _globals['_NODEINFO_VERSIONSENTRY']._serialized_start=661
+  _globals['_NODEINFO_VERSIONSENTRY']._serialized_end=708
+  _globals['_PEER']._serialized_start=710
+  _globals['_PEER']._serialized_end=767
+  _globals['_LOADSTAGEREQUEST']._serialized_start=770
+  _globals['_LOADSTAGEREQUEST']._serialized_end=1028
+  _globals['_LOADPROGRESS']._serialized_start=1031
+  _globals['_LOADPROGRESS']._serialized_end=1203
+  _globals['_LOADPROGRESS_PHASE']._serialized_start=1130
+  _globals['_LOADPROGRESS_PHASE']._serialized_end=1203
+  _globals['_SAMPLING']._serialized_start=1205
+  _globals['_SAMPLING']._serialized_end=1266
+  _globals['_SPARSEDIST']._serialized_start=1268
+  _globals['_SPARSEDIST']._serialized_end=1308
+  _globals['_SLICE']._serialized_start=1311
+  _globals['_SLICE']._serialized_end=1525
+  _globals['_FORWARDMESSAGE']._serialized_start=1528
+  _globals['_FORWARDMESSAGE']._serialized_end=1712
+  _globals['_SEQRESULT']._serialized_start=1714
+  _globals['_SEQRESULT']._serialized_end=1828
+  _globals['_BATCHRESULT']._serialized_start=1830
+  _globals['_BATCHRESULT']._serialized_end=1885
+  _globals['_STEPERROR']._serialized_start=1887
+  _globals['_STEPERROR']._serialized_end=1945
+  _globals['_FORWARDREPLY']._serialized_start=1948
+  _globals['_FORWARDREPLY']._serialized_end=2113
+  _globals['_RESULTSREQUEST']._serialized_start=2115
+  _globals['_RESULTSREQUEST']._serialized_end=2131
+  _globals['_TRUNCATEREQUEST']._serialized_start=2133
+  _globals['_TRUNCATEREQUEST']._serialized_end=2180
+  _globals['_TRUNCATEREPLY']._serialized_start=2182
+  _globals['_TRUNCATEREPLY']._serialized_end=2214
+  _globals['_WORKER']._serialized_start=2276
+  _globals['_WORKER']._serialized_end=2645
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ..., temperature_c: _Optional[int] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_path", "begin", "end", "model_n_layer", "n_ctx", "n_seq_max", "type_k", "type_v", "downstream")
+    __slots__ = ("model_path", "begin", "end", "model_n_layer", "n_ctx", "n_seq_max", "type_k", "type_v", "downstream", "capture")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class StageInfo(_message.Message):
     TYPE_K_FIELD_NUMBER: _ClassVar[int]
     TYPE_V_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     begin: int
     end: int
@@ -56,7 +57,8 @@ class StageInfo(_message.Message):
     type_k: str
     type_v: str
     downstream: str
-    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., model_n_layer: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., downstream: _Optional[str] = ...) -> None: ...
+    capture: str
+    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., model_n_layer: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., downstream: _Optional[str] = ..., capture: _Optional[str] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("hostname", "pid", "cpu", "cpu_count", "ram_total_bytes", "ram_available_bytes", "gpus", "versions", "stage", "gpu_error")
@@ -165,53 +167,67 @@ class SparseDist(_message.Message):
     probs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
-class ForwardMessage(_message.Message):
-    __slots__ = ("seq", "step_id", "positions", "tokens", "hidden", "dtype", "n_embd", "n_draft", "draft_dists", "sampling", "step_seed", "chunk_index", "n_chunks", "cancel", "return_logits")
+class Slice(_message.Message):
+    __slots__ = ("seq", "start", "tokens", "n_draft", "draft_dists", "sampling", "step_seed", "judge", "return_logits")
     SEQ_FIELD_NUMBER: _ClassVar[int]
-    STEP_ID_FIELD_NUMBER: _ClassVar[int]
-    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
-    HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    N_EMBD_FIELD_NUMBER: _ClassVar[int]
     N_DRAFT_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DISTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STEP_SEED_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
-    N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    step_id: int
-    positions: _containers.RepeatedScalarFieldContainer[int]
+    start: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    hidden: bytes
-    dtype: HiddenDType
-    n_embd: int
     n_draft: int
     draft_dists: _containers.RepeatedCompositeFieldContainer[SparseDist]
     sampling: Sampling
     step_seed: int
+    judge: bool
+    return_logits: bool
+    def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+
+class ForwardMessage(_message.Message):
+    __slots__ = ("batch_id", "slices", "hidden", "dtype", "n_embd", "chunk_index", "n_chunks")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    N_EMBD_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    slices: _containers.RepeatedCompositeFieldContainer[Slice]
+    hidden: bytes
+    dtype: HiddenDType
+    n_embd: int
     chunk_index: int
     n_chunks: int
-    cancel: bool
-    return_logits: bool
-    def __init__(self, seq: _Optional[int] = ..., step_id: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ..., cancel: _Optional[bool] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+    def __init__(self, batch_id: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ...) -> None: ...
 
-class StepResult(_message.Message):
-    __slots__ = ("accepted", "next_token", "top2_gaps", "logits", "n_vocab")
+class SeqResult(_message.Message):
+    __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP2_GAPS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
+    seq: int
     accepted: _containers.RepeatedScalarFieldContainer[int]
     next_token: int
     top2_gaps: _containers.RepeatedScalarFieldContainer[float]
     logits: bytes
     n_vocab: int
-    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SeqResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("code", "message", "worker")
@@ -224,18 +240,18 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("seq", "step_id", "result", "error", "stage_ms")
-    SEQ_FIELD_NUMBER: _ClassVar[int]
-    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("batch_id", "result", "error", "stage_ms", "busy_ms")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
-    seq: int
-    step_id: int
-    result: StepResult
+    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    batch_id: int
+    result: BatchResult
     error: StepError
     stage_ms: float
-    def __init__(self, seq: _Optional[int] = ..., step_id: _Optional[int] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., stage_ms: _Optional[float] = ...) -> None: ...
+    busy_ms: float
+    def __init__(self, batch_id: _Optional[int] = ..., result: _Optional[_Union[BatchResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., stage_ms: _Optional[float] = ..., busy_ms: _Optional[float] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ()

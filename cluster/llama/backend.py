@@ -1,0 +1,31 @@
+"""llama.cpp's process-wide set-up, shared by stages, the draft model and the tokenizer."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import llama_cpp
+
+log = logging.getLogger(__name__)
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _llama_log(level: int, text: bytes, _user: int) -> None:
+    # llama.cpp is chatty at load; its lines go to logging at DEBUG (WARN/ERROR kept).
+    log.log({4: logging.ERROR, 3: logging.INFO}.get(level, logging.DEBUG), "%s",
+            text.decode(errors="replace").rstrip())
+
+
+_log_callback = llama_cpp.llama_log_callback(_llama_log)
+
+
+def init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True

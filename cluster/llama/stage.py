@@ -1,0 +1,291 @@
+"""A pipeline stage: a range of layers run by llama.cpp on embeddings in, hidden
+states (or logits, on the last stage) out. See ARCHITECTURE.md, "the stage technique".
+
+A batch holds the rows of several sequences. With one KV stream per sequence
+(`kv_unified=false`) llama.cpp splits a batch into ubatches of *equal* rows per sequence
+over runs of *consecutive* sequence ids (llama-batch.cpp, `split_equal(…, sequential)`),
+so its ubatch order is not the batch's row order when slices differ in length. The
+stage therefore makes each `llama_decode` call one that llama.cpp keeps in row order:
+pieces of equal length, sorted by sequence, at most n_batch rows — the same number of
+graph computations llama.cpp would make itself — and puts the outputs back in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from cluster.errors import InvalidForward, SpecshardError
+from cluster.gguf_file import read_header
+from cluster.llama.backend import init_backend
+from cluster.llama.capture import Capture, make_capture
+from cluster.messages import Slice
+from cluster.model_info import KvType, TokenEmbedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """How to load one stage."""
+
+    stage_path: Path
+    model_path: Path | None = None  # full model: token_embd for the first stage
+    n_ctx: int = 4096
+    n_seq_max: int = 1
+    n_batch: int = 512
+    type_k: KvType = KvType.F16
+    type_v: KvType = KvType.F16
+    flash_attn: bool = False
+    n_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.type_v is not KvType.F16 and not self.flash_attn:
+            raise SpecshardError("a quantized V cache needs flash attention")
+
+
+class Stage:
+    """One loaded stage with its own llama_context and one KV stream per sequence."""
+
+    def __init__(self, config: StageConfig) -> None:
+        header = read_header(config.stage_path)
+        values = header.values
+        if "specshard.stage.begin" not in values:
+            raise SpecshardError(f"{config.stage_path} is not a specshard stage file")
+        self.config = config
+        self.begin = int(values["specshard.stage.begin"])  # type: ignore[call-overload]
+        self.end = int(values["specshard.stage.end"])  # type: ignore[call-overload]
+        self.model_n_layer = int(values["specshard.stage.model_n_layer"])  # type: ignore[call-overload]
+        self.is_first = self.begin == 0
+        self.is_last = self.end == self.model_n_layer
+        self.n_layer = self.end - self.begin
+        self.embedding: TokenEmbedding | None = None
+        if self.is_first:
+            if config.model_path is None:
+                raise SpecshardError("the first stage needs the full model for token_embd")
+            self.embedding = TokenEmbedding(read_header(config.model_path))
+        self.capture: Capture | None = None
+        self._load()
+
+    def _load(self) -> None:
+        init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 999  # a stage offloads all its layers and its head
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(self.config.stage_path).encode(), mparams)
+        if not self._model:
+            raise SpecshardError(f"llama.cpp could not load {self.config.stage_path}")
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        c = self.config
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = c.n_ctx * c.n_seq_max
+        cparams.n_batch = cparams.n_ubatch = c.n_batch
+        cparams.n_seq_max = c.n_seq_max
+        # One KV stream per sequence: a sequence's attention then sees exactly the cells
+        # it would see alone, whatever else the stage holds (a request decoded alone is
+        # reproducible; see the module docstring for what it costs in ubatches).
+        cparams.kv_unified = False
+        cparams.n_threads = cparams.n_threads_batch = c.n_threads
+        cparams.type_k = c.type_k.ggml_type
+        cparams.type_v = c.type_v.ggml_type
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.no_perf = True
+        if not self.is_last:
+            self.capture = make_capture(f"l_out-{self.n_layer - 1}".encode(), self.n_embd,
+                                        c.n_batch)
+            self.capture.install(cparams)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise SpecshardError("llama.cpp could not create a context for the stage")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        # llama.cpp pads the context (to 256); the limit is what was asked for.
+        self.n_ctx_seq = min(c.n_ctx, llama_cpp.llama_n_ctx_seq(self._ctx))
+        # llama.cpp clamps n_batch to n_ctx: chunk by what it really took.
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
+        self._embd = ctypes.cast(self._batch.embd, ctypes.c_void_p).value or 0
+        self._lengths = [0] * c.n_seq_max
+
+    # --- sequences ---------------------------------------------------------------------
+
+    def length(self, seq: int) -> int:
+        self._check_seq(seq)
+        return self._lengths[seq]
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.config.n_seq_max:
+            raise InvalidForward(
+                f"unknown sequence {seq}: this stage has sequences 0..{self.config.n_seq_max - 1}")
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Forget positions >= length of a sequence (rejected draft tokens, resets)."""
+        self._check_seq(seq)
+        if not 0 <= length <= self._lengths[seq]:
+            raise InvalidForward(
+                f"cannot truncate sequence {seq} to {length}: it holds {self._lengths[seq]}")
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, length, -1)
+        self._lengths[seq] = length
+
+    # --- batches -----------------------------------------------------------------------
+
+    def validate(self, slices: list[Slice], n_floats: int | None) -> None:
+        """Raise InvalidForward unless the whole batch fits; checked before any change."""
+        seen: set[int] = set()
+        for s in slices:
+            self._check_seq(s.seq)
+            if s.seq in seen:
+                raise InvalidForward(f"sequence {s.seq} appears twice in one batch")
+            seen.add(s.seq)
+            if not 0 <= s.start <= self._lengths[s.seq]:
+                raise InvalidForward(
+                    f"positions must continue sequence {s.seq} at or before "
+                    f"{self._lengths[s.seq]}, got {s.start}")
+            if s.end > self.n_ctx_seq:
+                raise InvalidForward(
+                    f"positions {s.start}..{s.end - 1} of sequence {s.seq} exceed the "
+                    f"context of {self.n_ctx_seq} tokens")
+            if s.tokens and not 0 <= s.n_draft < len(s.tokens):
+                raise InvalidForward(f"{s.n_draft} draft guesses in a slice of "
+                                     f"{len(s.tokens)} tokens")
+        n_rows = sum(len(s.tokens) for s in slices)
+        if n_floats is not None and n_floats != n_rows * self.n_embd:
+            raise InvalidForward(
+                f"hidden states hold {n_floats} values, expected {n_rows} × {self.n_embd}")
+
+    def forward(self, slices: list[Slice], hidden: np.ndarray | None = None
+                ) -> np.ndarray | list[np.ndarray]:
+        """Run the stage's layers on every slice's rows; all or nothing.
+
+        The first stage embeds the slices' tokens (`hidden` None); the others take the
+        previous stage's hidden states, Σ rows × n_embd f32 in slice order. Non-last
+        stages return their hidden states in the same order; the last returns, per
+        slice, the logits of its judged rows (judged rows × n_vocab; none when not
+        judged). Positions a sequence holds from its slice's start on are dropped first.
+        """
+        if self.is_first:
+            if hidden is not None:
+                raise InvalidForward("the first stage takes token ids, not hidden states")
+            hidden = self._embed(slices)
+        elif hidden is None:
+            raise InvalidForward("this stage takes hidden states, none were sent")
+        self.validate(slices, hidden.size)
+        n_rows = sum(len(s.tokens) for s in slices)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32).reshape(n_rows, self.n_embd)
+        for s in slices:
+            if s.start < self._lengths[s.seq]:  # rejected guesses of the previous step
+                self.truncate(s.seq, s.start)
+        offsets = np.cumsum([0, *(len(s.tokens) for s in slices)])
+        out = None if self.is_last else np.empty((n_rows, self.n_embd), np.float32)
+        logits: list[list[np.ndarray]] = [[] for _ in slices]
+        try:
+            for call in self._calls(slices):
+                rows = [(int(offsets[i]) + lo, int(offsets[i]) + hi) for i, lo, hi in call]
+                got = self._decode(slices, call, hidden, rows)
+                if out is not None:
+                    assert isinstance(got, np.ndarray)
+                    at = 0
+                    for a, b in rows:
+                        out[a:b] = got[at:at + b - a]
+                        at += b - a
+                else:
+                    assert isinstance(got, list)
+                    for (i, _, _), row_logits in zip(call, got, strict=True):
+                        logits[i].extend(row_logits)
+        except BaseException:
+            for s in slices:  # what reached the caches is not valid: back to the start
+                llama_cpp.llama_memory_seq_rm(self._mem, s.seq, s.start, -1)
+                self._lengths[s.seq] = s.start
+            raise
+        for s in slices:
+            self._lengths[s.seq] = s.end
+        if out is not None:
+            return out
+        return [np.stack(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+                for rows in logits]
+
+    def _embed(self, slices: list[Slice]) -> np.ndarray:
+        assert self.embedding is not None
+        tokens = np.asarray([t for s in slices for t in s.tokens], dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.embedding.n_vocab):
+            raise InvalidForward(f"token id out of range 0..{self.embedding.n_vocab - 1}")
+        if not tokens.size:
+            return np.empty((0, self.n_embd), np.float32)
+        return self.embedding.lookup(tokens)
+
+    def _calls(self, slices: list[Slice]) -> list[list[tuple[int, int, int]]]:
+        """The llama_decode calls: lists of (slice index, lo, hi) row pieces.
+
+        Round r holds the r-th n_batch-sized piece of every slice (a slice's pieces run
+        in order); within a round, pieces of one length go together, by sequence id.
+        """
+        pieces = [[(lo, min(lo + self.n_batch, len(s.tokens)))
+                   for lo in range(0, len(s.tokens), self.n_batch)] for s in slices]
+        calls = []
+        for r in range(max((len(p) for p in pieces), default=0)):
+            by_length: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+            for i, p in enumerate(pieces):
+                if r < len(p):
+                    lo, hi = p[r]
+                    by_length[hi - lo].append((i, lo, hi))
+            for length in sorted(by_length):
+                group = sorted(by_length[length], key=lambda item: slices[item[0]].seq)
+                per_call = max(self.n_batch // length, 1)
+                calls += [group[k:k + per_call] for k in range(0, len(group), per_call)]
+        return calls
+
+    def _decode(self, slices: list[Slice], call: list[tuple[int, int, int]],
+                hidden: np.ndarray, rows: list[tuple[int, int]]
+                ) -> np.ndarray | list[list[np.ndarray]]:
+        batch, at = self._batch, 0
+        wanted: list[list[int]] = []
+        for (i, lo, hi), (a, b) in zip(call, rows, strict=True):
+            s = slices[i]
+            judged = {r - lo for r in s.judged_rows if lo <= r < hi}
+            wanted.append([])
+            ctypes.memmove(self._embd + 4 * at * self.n_embd, hidden[a:b].ctypes.data,
+                           4 * (b - a) * self.n_embd)
+            for k in range(hi - lo):
+                batch.pos[at] = s.start + lo + k
+                batch.n_seq_id[at] = 1
+                batch.seq_id[at][0] = s.seq
+                # Non-last stages ask for every row: else llama.cpp prunes rows in the
+                # last layer and l_out holds only the output rows.
+                batch.logits[at] = (k in judged) if self.is_last else True
+                if self.is_last and k in judged:
+                    wanted[-1].append(at)
+                at += 1
+        batch.n_tokens = at
+        if self.capture is not None:
+            self.capture.reset()
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise SpecshardError(f"llama_decode failed with status {status}")
+        if self.capture is not None:
+            captured = self.capture.rows()
+            if len(captured) != at:
+                raise SpecshardError(f"captured {len(captured)} rows of a batch of {at}")
+            return captured
+        return [[self._logits(j) for j in rows_of] for rows_of in wanted]
+
+    def _logits(self, index: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        self.close()

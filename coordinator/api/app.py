@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP API over an `Engine`.
+
+Chat replies are parsed after the engine has decided their tokens (`chat.py`: thinking
+and tool calls); only the thinking budget acts inside the engine, as a `TextGuard`.
+`/health` and `/metrics` need no API key: load balancers and Prometheus probe them
+without credentials, and they reveal only readiness and aggregate counters (never
+prompts).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at
+# runtime, and `Ready` below is local to `create_app`.
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from cluster.errors import SpecshardError
+from cluster.sampling import SamplingParams
+from coordinator.api.chat import ChatShape, ReplyParser
+from coordinator.api.errors import ApiError, install_error_handlers
+from coordinator.api.reasoning import ThinkingBudget
+from coordinator.api.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    Sampling,
+)
+from coordinator.api.shapes import Shape, TextShape
+from coordinator.api.templates import ChatOptions, chat_prompt
+from coordinator.engine.frontend import Engine
+from coordinator.engine.request import (
+    Finished,
+    GenerationRequest,
+    TextChunk,
+    TextGuard,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# What `generate_latest` writes: the classic text format, which every scraper reads.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _fingerprint() -> str:
+    try:
+        return f"specshard-{version('specshard')}"
+    except PackageNotFoundError:
+        return "specshard"
+
+
+@dataclass
+class ServerState:
+    """What the app serves; `serve` fills `engine` in once the cluster is up."""
+
+    engine: Engine | None
+    api_key: str | None = None
+    cluster_info: Callable[[], dict[str, object]] | None = None
+    model_names: tuple[str, ...] = ()  # accepted in `model`; default: the engine's name
+    chat: ChatOptions = field(default_factory=ChatOptions)
+
+    def names(self, engine: Engine) -> tuple[str, ...]:
+        return self.model_names or (engine.model_name,)
+
+
+# --- talking to the engine -----------------------------------------------------------------
+
+
+async def _hang_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client hangs up first (`work` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_hang_up(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        gone.cancel()
+    if task in done:
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _collect(events: AsyncIterator[TextChunk | Finished]) -> tuple[str, Finished]:
+    text: list[str] = []
+    async for event in events:
+        if isinstance(event, Finished):
+            return "".join(text), event
+        text.append(event.text)
+    raise RuntimeError("the engine stopped without finishing")  # only when cancelled
+
+
+def _sse(obj: BaseModel) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed as soon as the response ends, so a
+    client that hangs up frees its sequence at once (Starlette only cancels it)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[str]) -> None:
+        super().__init__(chunks, headers={"Cache-Control": "no-cache"})
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            # uvicorn cancels streams still open when its shutdown grace ends, and would
+            # log the cancellation as a crash: this stream's end is the expected outcome.
+            pass
+        finally:
+            aclose = getattr(self.chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _stream(shape: Shape, first: TextChunk | Finished,
+                  events: AsyncIterator[TextChunk | Finished], include_usage: bool,
+                  engine: Engine) -> AsyncIterator[str]:
+    try:
+        for obj in shape.opening():
+            yield _sse(obj)
+        event = first
+        while isinstance(event, TextChunk):
+            for obj in shape.piece(event.text) if event.text else []:
+                yield _sse(obj)
+            event = await anext(events)
+        for obj in shape.ending(event):
+            yield _sse(obj)
+        if include_usage:
+            yield _sse(shape.usage_only(event))
+        engine.metrics.requests.labels(outcome=_outcome(event)).inc()
+    except Exception as exc:  # the status line is sent: report in the stream, as OpenAI does
+        log.error("stream failed", exc_info=exc)
+        engine.metrics.requests.labels(outcome="error").inc()
+        error = (ApiError(400, str(exc)) if isinstance(exc, SpecshardError) else
+                 ApiError(500, "internal error; see the server log", "server_error",
+                          "internal_error"))
+        yield _sse(ErrorBody(error=error.detail))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    yield "data: [DONE]\n\n"
+
+
+def _outcome(done: Finished) -> str:
+    # "abort": the server drained the request (shutting down): a clean end, not an error.
+    return "aborted" if done.finish_reason == "abort" else "ok"
+
+
+async def _complete(request: Request, engine: Engine, body: Sampling, prompt: list[int],
+                    shape: Shape, guard: TextGuard | None = None) -> Response:
+    job = GenerationRequest(prompt, body.token_limit(engine.n_ctx),
+                            SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
+                            body.stops, guard)
+    engine.check(job)
+    events = engine.stream(job)
+    streaming = False
+    try:
+        # The first event comes once a sequence is free: queue-full and engine errors
+        # still get their own status, and a client that leaves the queue is let go.
+        if body.stream:
+            first = await _unless_gone(request, anext(events))
+            if first is not None:
+                streaming = True
+                return EventStream(_stream(shape, first, events, body.include_usage, engine))
+        else:
+            result = await _unless_gone(request, _collect(events))
+            if result is not None:
+                engine.metrics.requests.labels(outcome=_outcome(result[1])).inc()
+                return JSONResponse(shape.whole(*result).model_dump())
+        engine.metrics.requests.labels(outcome="cancelled").inc()
+        return Response(status_code=499)  # nobody reads it: the client is gone
+    finally:
+        if not streaming:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+# --- the app -------------------------------------------------------------------------------
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="specshard", docs_url=None, redoc_url=None)
+
+    def count(outcome: str) -> None:
+        if state.engine is not None:
+            state.engine.metrics.requests.labels(outcome=outcome).inc()
+
+    install_error_handlers(app, count)
+    fingerprint = _fingerprint()
+
+    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                key.strip().encode(), state.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send "
+                                "'Authorization: Bearer <key>'.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def ready() -> Engine:
+        if state.engine is None:
+            raise ApiError(503, "The model is still loading; retry shortly.", "server_error",
+                           "not_ready", headers={"Retry-After": "5"})
+        return state.engine
+
+    Ready = Annotated[Engine, Depends(ready)]
+
+    def served_name(engine: Engine, asked: str | None) -> str:
+        names = state.names(engine)
+        if asked and asked not in names:
+            raise ApiError(404, f"The model `{asked}` does not exist; this server has "
+                                f"{', '.join(names)}.", code="model_not_found", param="model")
+        return asked or names[0]
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request, engine: Ready) -> Response:
+        name = served_name(engine, body.model)
+        # Templates and tokenizing take milliseconds per kB: off the event loop.
+        prompt = await asyncio.to_thread(chat_prompt, body, engine.tokenizer, state.chat)
+        tokens = await asyncio.to_thread(engine.tokenizer.encode, prompt.text)
+        guard = ThinkingBudget(prompt.budget, prompt.thinking)
+        reply = ReplyParser(prompt.thinking if prompt.split_reasoning else None, prompt.tools)
+        shape = ChatShape(name, fingerprint, reply=reply, guard=guard)
+        return await _complete(request, engine, body, tokens, shape, guard)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request, engine: Ready
+                          ) -> Response:
+        shape = TextShape(served_name(engine, body.model), fingerprint)
+        tokens = await asyncio.to_thread(engine.tokenizer.encode, body.text)
+        return await _complete(request, engine, body, tokens, shape)
+
+    @v1.get("/models")
+    async def models(engine: Ready) -> ModelList:
+        return ModelList(data=[ModelCard(id=name, created=0) for name in state.names(engine)])
+
+    @v1.get("/models/{model}")
+    async def model(model: str, engine: Ready) -> ModelCard:
+        return ModelCard(id=served_name(engine, model), created=0)
+
+    @v1.get("/cluster")
+    async def cluster(engine: Ready) -> dict[str, object]:
+        if state.cluster_info is not None:
+            return await asyncio.to_thread(state.cluster_info)
+        return {"model": engine.model_name, "n_ctx": engine.n_ctx,
+                "parallel": engine.parallel, "queue_size": engine.queue_size,
+                "ring": type(engine.core.ring).__name__}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.engine is None:
+            return Response("loading\n", 503, media_type="text/plain")
+        return Response(state.engine.metrics.render(), media_type=METRICS_TYPE)
+
+    return app

@@ -1,0 +1,124 @@
+"""`specshard serve` (the OpenAI-compatible service) and `specshard demo` (`make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cluster.auth import is_loopback
+from cluster.errors import SpecshardError
+from cluster.planning.cli import render
+from coordinator.api.app import ServerState, create_app
+from coordinator.api.server import ServerThread
+from coordinator.api.templates import chat_options
+from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.service import RunningCluster, start_cluster
+from coordinator.settings import ServeSettings, add_arguments, from_args
+
+DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_arguments(p)
+    p.set_defaults(handler=run_serve)
+    d = sub.add_parser("demo", help="a local 2-worker Ray cluster on the demo pair, one "
+                                    "streamed answer, its speed and the plan")
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--max-tokens", type=int, default=160)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--no-draft", action="store_true", help="plain decoding, no draft model")
+    d.add_argument("--serve", action="store_true", help="then keep the API up")
+    d.add_argument("--port", type=int, default=8000)
+    d.set_defaults(handler=run_demo)
+
+
+def api_key_of(s: ServeSettings) -> str | None:
+    if s.api_key_file:
+        try:
+            key = Path(s.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise SpecshardError(f"cannot read {s.api_key_file}: {exc.strerror}") from exc
+        return key or None
+    return s.api_key
+
+
+def wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    s = from_args(args)
+    key = api_key_of(s)
+    if not key and not is_loopback(s.host):
+        raise SpecshardError(f"serving on {s.host} (not loopback) needs an API key: "
+                             "SPECSHARD_API_KEY or --api-key-file")
+    # A bad template or reasoning setting is refused before anything loads.
+    chat = chat_options(s.reasoning_format, s.reasoning_budget, s.chat_template_file)
+    state = ServerState(engine=None, api_key=key, chat=chat)
+    cluster: RunningCluster | None = None
+    try:
+        # The API answers from the start: /health is 503 until the ring is loaded.
+        with ServerThread(create_app(state), host=s.host, port=s.port) as server:
+            print(f"specshard: loading; API at {server.url}/v1", file=sys.stderr)
+            cluster = start_cluster(s, progress=sys.stderr.isatty())
+            state.cluster_info = cluster.describe
+            state.engine = cluster.engine
+            print(f"specshard: serving {cluster.engine.model_name} at {server.url}/v1",
+                  file=sys.stderr)
+            wait_for_signal()
+    finally:  # the HTTP side is closed: end what still runs, then the ring
+        if cluster is not None:
+            cluster.close()
+    return 0
+
+
+def stream_answer(cluster: RunningCluster, prompt: str, max_tokens: int) -> Finished:
+    engine = cluster.engine
+    tokens = engine.tokenizer.encode(engine.tokenizer.chat_prompt(
+        [{"role": "user", "content": prompt}]))
+    finished = None
+    for event in engine.run(GenerationRequest(tokens, max_tokens), threading.Event()):
+        if isinstance(event, TextChunk):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        else:
+            finished = event
+    assert finished is not None
+    return finished
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    s = ServeSettings(model="demo", draft=None if args.no_draft else "demo",
+                      local_workers=args.workers, ctx=4096, parallel=1, port=args.port)
+    print(f"specshard demo: starting a local Ray cluster with {args.workers} workers "
+          "(first run: the demo models are fetched, ~1.6 GB)…", file=sys.stderr)
+    t0 = time.perf_counter()
+    cluster = start_cluster(s, progress=sys.stderr.isatty())
+    try:
+        print(f"ready in {time.perf_counter() - t0:.1f} s\n\n> {args.prompt}\n")
+        done = stream_answer(cluster, args.prompt, args.max_tokens)
+        st = done.stats
+        print(f"\n\n{done.n_completion_tokens} tokens · {st['tok_s']} tok/s decode · "
+              f"{st['prompt_tok_s']} tok/s prompt · {st['tokens_per_step']} tokens per "
+              f"pipeline step (γ mean {st['gamma_mean']})\n")
+        if cluster.built.plan is not None:
+            print(render(cluster.built.plan, cluster.engine.model_name,
+                         None if args.no_draft else "demo draft (runs in the coordinator)"))
+        if args.serve:
+            state = ServerState(engine=cluster.engine, api_key=None,
+                                cluster_info=cluster.describe)
+            with ServerThread(create_app(state), host="127.0.0.1", port=args.port) as server:
+                print(f"\nOpenAI-compatible API at {server.url}/v1 — Ctrl-C to stop")
+                wait_for_signal()
+    finally:
+        cluster.close()
+    return 0

@@ -1,0 +1,142 @@
+"""What a request asks of the engine and what it gets back: the engine's small messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cluster.errors import SpecshardError
+from cluster.sampling import SamplingParams
+
+
+class QueueFull(SpecshardError):
+    """More requests are waiting than the queue holds (HTTP 429)."""
+
+
+class ContextExceeded(SpecshardError):
+    """The prompt (plus at least one token) does not fit the context (HTTP 400)."""
+
+
+class TextGuard(Protocol):
+    """Watches a request's text as it is decided and may force text into it.
+
+    Called by the engine with each token's text, in order; what it returns is appended
+    to the sequence as if the model had written it (the thinking budget closes a
+    `<think>` block this way), and the tokens the model wrote after the one that
+    triggered it are dropped.
+    """
+
+    def push(self, text: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    guard: TextGuard | None = None
+    with_gaps: bool = False  # events carry each token's top-2 logit gap (tests, benches)
+    ignore_eos: bool = False  # decode past end tokens (fixed lengths for benchmarks)
+
+
+@dataclass
+class Stats:
+    n_prompt_tokens: int = 0
+    n_tokens: int = 0
+    steps: int = 0  # judged slices: the prompt's last chunk, then one per decode step
+    prefill_s: float = 0.0  # arrival → first token
+    decode_s: float = 0.0  # first generated token → last generated token
+    proposed: list[int] = field(default_factory=list)  # guesses offered at position k
+    accepted: list[int] = field(default_factory=list)  # … and accepted there
+
+    @property
+    def tok_s(self) -> float:
+        return (self.n_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.n_prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        decode_steps = self.steps - 1  # the prompt's step emits one token, drafts nothing
+        return (self.n_tokens - 1) / decode_steps if decode_steps > 0 else 0.0
+
+    def record_acceptance(self, n_proposed: int, n_accepted: int) -> None:
+        while len(self.proposed) < n_proposed:
+            self.proposed.append(0)
+            self.accepted.append(0)
+        for k in range(n_proposed):
+            self.proposed[k] += 1
+            self.accepted[k] += k < n_accepted
+
+    def as_dict(self) -> dict[str, object]:
+        decode_steps = max(self.steps - 1, 1)
+        return {
+            "tok_s": round(self.tok_s, 3), "prompt_tok_s": round(self.prompt_tok_s, 3),
+            "ttft_s": round(self.prefill_s, 3),
+            "n_tokens": self.n_tokens, "n_prompt_tokens": self.n_prompt_tokens,
+            "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 3),
+            "acceptance_by_position": [round(a / p, 3) if p else 0.0
+                                       for a, p in zip(self.accepted, self.proposed,
+                                                       strict=True)],
+            "gamma_mean": round(sum(self.proposed) / decode_steps, 3),
+            "decode_s": round(self.decode_s, 4), "proposed": list(self.proposed),
+            "accepted": list(self.accepted),
+        }
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str  # newly visible text (may be empty while a stop string is possible)
+    token_ids: list[int]
+    top2_gaps: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finished:
+    # "stop" (end token or stop string), "length", or "abort" (the server drained it)
+    finish_reason: str
+    n_prompt_tokens: int
+    n_completion_tokens: int
+    stats: dict[str, object] = field(default_factory=dict)  # `detail`, as JSON
+    detail: Stats = field(default_factory=Stats)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request could not be completed (its error, as the API reports it)."""
+
+    error: BaseException
+
+
+Event = TextChunk | Finished | Failed
+EventSink = Callable[[Event], None]
+
+
+class StopText:
+    """Cuts the text at the first stop string; holds back what may be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.stopped = True
+                out, self.pending = self.pending[:at], ""
+                return out
+        cut = max(len(self.pending) - self.hold, 0)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

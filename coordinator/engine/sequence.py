@@ -1,0 +1,96 @@
+"""One request as the engine runs it: its tokens, what the ring holds of them, its text.
+
+Positions: `tokens` is the prompt plus every decided token. The ring's KV caches hold
+`tokens[:n_computed]` for sure; batches in flight may be extending that up to `n_sent`.
+The next slice starts at `n_sent` with the tokens not sent yet — prompt chunks, or the
+last decided token (and any forced ones) followed by draft guesses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster.messages import SeqResult, Slice
+from cluster.sampling import SparseDist
+from coordinator.engine.request import EventSink, GenerationRequest, Stats, StopText
+from coordinator.speculation.gamma import AcceptanceStats
+from coordinator.tokenizer import TextStream
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one object per request
+class Sequence:
+    request: GenerationRequest
+    sink: EventSink
+    text: TextStream
+    arrived: float = field(default_factory=time.perf_counter)
+    slot: int = -1  # the sequence id in every stage, while running
+    tokens: list[int] = field(default_factory=list)
+    n_prompt: int = 0
+    n_computed: int = 0
+    n_sent: int = 0
+    judging: bool = False  # a judged slice is in flight: the next tokens wait for it
+    in_flight: int = 0  # batches in flight holding a slice of this sequence
+    done: bool = False
+    stats: Stats = field(default_factory=Stats)
+    acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
+    stop: StopText = field(default_factory=lambda: StopText(()))
+    history: list[tuple[int, Slice]] = field(default_factory=list)  # completed, for replay
+    first_token_at: float = 0.0
+    last_draft: tuple[int, list[int], list[SparseDist]] | None = None  # (at, tokens, dists)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.request.prompt)
+        self.n_prompt = len(self.tokens)
+        self.stop = StopText(self.request.stop)
+        self.stats.n_prompt_tokens = self.n_prompt
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt: it has generated its first token."""
+        return len(self.tokens) > self.n_prompt
+
+    @property
+    def pending(self) -> int:
+        """Decided tokens not sent to the ring yet."""
+        return len(self.tokens) - self.n_sent
+
+    @property
+    def ready(self) -> bool:
+        return not self.done and not self.judging and self.pending > 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    def step_seed(self) -> int:
+        """The last worker's seed for this sequence's next judged slice.
+
+        A function of the request's seed and the step number, so a step re-sent after a
+        worker loss draws exactly what it would have drawn."""
+        seed = self.request.sampling.seed
+        entropy = [self.stats.steps] if seed is None else [seed, self.stats.steps]
+        if seed is None:
+            entropy.append(id(self))  # unseeded: still fixed for this request's life
+        return int(np.random.default_rng(entropy).integers(0, 2**63 - 1))
+
+    def confirm(self, piece: Slice, result: SeqResult | None) -> list[int]:
+        """A batch holding `piece` came back: what the ring now holds, tokens decided."""
+        if not piece.tokens:
+            return []
+        if result is None:  # a prompt chunk
+            self.n_computed = max(self.n_computed, piece.end)
+            return []
+        self.judging = False
+        kept = piece.end - piece.n_draft + len(result.accepted)
+        self.n_computed = kept
+        self.n_sent = kept
+        return result.tokens
+
+    def rewind(self) -> None:
+        """The batches in flight are lost: send again from what the ring surely holds."""
+        self.n_sent = self.n_computed
+        self.judging = False
+        self.in_flight = 0

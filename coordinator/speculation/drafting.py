@@ -1,0 +1,39 @@
+"""What the engine asks of a drafter: guesses for several sequences at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from cluster.sampling import SamplingParams, SparseDist
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]
+    dists: list[SparseDist]  # the draft's filtered distribution at each guess
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    seq: int  # the sequence's slot: a drafter with a KV cache keeps one stream per slot
+    context: list[int]  # every decided token so far
+    gamma: int
+    sampling: SamplingParams
+    rng: np.random.Generator  # for sampled guesses; its own stream (see `draft_rng`)
+
+
+class Drafter(Protocol):
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]: ...
+
+    def release(self, seq: int) -> None: ...  # the slot's sequence ended
+
+    def close(self) -> None: ...
+
+
+def draft_rng(step_seed: int) -> np.random.Generator:
+    """The drafter's stream for a step: the verifier draws from default_rng(step_seed),
+    so guesses drawn from that very stream would bias acceptance."""
+    return np.random.default_rng([step_seed, 1])
