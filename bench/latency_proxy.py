@@ -72,8 +72,8 @@ async def _relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
     try:
         await asyncio.gather(_pipe(client_r, server_w, delay_s),
                              _pipe(server_r, client_w, delay_s))
-    except ConnectionError:
-        pass  # a reset on one side ends the connection on both
+    except OSError:
+        pass  # a reset (or a probe that closed at once) on one side ends both
     finally:
         server_w.close()
         client_w.close()

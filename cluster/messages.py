@@ -87,6 +87,8 @@ class SeqResult:
 class BatchResult:
     batch_id: int
     results: list[SeqResult]  # one per judged slice, in slice order
+    # (llama_decode ms, busy ms) of every worker, in ring order: what the batch cost
+    times: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Activations:
 
     batch: Batch
     hidden: np.ndarray | None = None  # Σ rows × n_embd, f32 (None into the first stage)
+    times: list[tuple[float, float]] = field(default_factory=list)  # (stage, busy) ms each
 
 
 @dataclass(frozen=True)

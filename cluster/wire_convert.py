@@ -104,7 +104,8 @@ def batch_to_wire(acts: Activations, f16: bool = False) -> list[pb.ForwardMessag
     """One batch as messages: the first carries the slices, more chunks carry bytes only."""
     b = acts.batch
     head = pb.ForwardMessage(batch_id=b.batch_id, slices=[slice_to_wire(s) for s in b.slices],
-                             n_chunks=1)
+                             n_chunks=1, times=[pb.StageTime(stage_ms=s, busy_ms=w)
+                                                for s, w in acts.times])
     if acts.hidden is None:
         return [head]
     dtype = _DTYPES[pb.HIDDEN_DTYPE_F16 if f16 else pb.HIDDEN_DTYPE_F32]
@@ -162,7 +163,8 @@ def batch_from_wire(msg: pb.ForwardMessage, data: bytes) -> Activations:
         raise InvalidForward(f"batch {msg.batch_id} has no slices")
     slices = [slice_from_wire(s) for s in msg.slices]
     batch = Batch(batch_id=msg.batch_id, slices=slices)
-    return Activations(batch, hidden=_hidden_from_wire(msg, data, batch.n_rows))
+    return Activations(batch, hidden=_hidden_from_wire(msg, data, batch.n_rows),
+                       times=[(t.stage_ms, t.busy_ms) for t in msg.times])
 
 
 def _hidden_from_wire(msg: pb.ForwardMessage, data: bytes, n_rows: int) -> np.ndarray | None:
@@ -180,6 +182,7 @@ def _hidden_from_wire(msg: pb.ForwardMessage, data: bytes, n_rows: int) -> np.nd
 
 
 def result_to_wire(result: BatchResult, stage_ms: float) -> pb.ForwardReply:
+    """The last worker's reply; `result.times` are the workers' before it."""
     out = []
     for r in result.results:
         msg = pb.SeqResult(seq=r.seq, accepted=r.accepted, next_token=r.next_token,
@@ -189,7 +192,8 @@ def result_to_wire(result: BatchResult, stage_ms: float) -> pb.ForwardReply:
             msg.n_vocab = r.logits.shape[1]
         out.append(msg)
     return pb.ForwardReply(batch_id=result.batch_id, stage_ms=stage_ms,
-                           result=pb.BatchResult(results=out))
+                           result=pb.BatchResult(results=out),
+                           times=[pb.StageTime(stage_ms=s, busy_ms=w) for s, w in result.times])
 
 
 def result_from_wire(reply: pb.ForwardReply) -> BatchResult:
@@ -200,16 +204,15 @@ def result_from_wire(reply: pb.ForwardReply) -> BatchResult:
         results.append(SeqResult(seq=r.seq, accepted=list(r.accepted),
                                  next_token=r.next_token, top2_gaps=list(r.top2_gaps),
                                  logits=logits))
-    return BatchResult(batch_id=reply.batch_id, results=results)
+    times = [(t.stage_ms, t.busy_ms) for t in reply.times]
+    return BatchResult(batch_id=reply.batch_id, results=results,
+                       times=[*times, (reply.stage_ms, 0.0)])
 
 
 def error_to_wire(batch_id: int, code: int, message: str, worker: str) -> pb.ForwardReply:
     return pb.ForwardReply(batch_id=batch_id,
                            error=pb.StepError(code=code, message=message, worker=worker))
 
-
-def timing_to_wire(batch_id: int, stage_ms: float, busy_ms: float) -> pb.ForwardReply:
-    return pb.ForwardReply(batch_id=batch_id, stage_ms=stage_ms, busy_ms=busy_ms)
 
 
 # --- stages and nodes -----------------------------------------------------------------

@@ -85,8 +85,9 @@ class StageRunner:
     def capture(self) -> str:
         return self.stage.capture.kind if self.stage.capture is not None else ""
 
-    def run(self, acts: Activations) -> Outcome:
-        """Compute a batch: hidden states for downstream, or the last stage's verdicts."""
+    def run(self, acts: Activations, arrived: float | None = None) -> Outcome:
+        """Compute a batch: hidden states for downstream, or the last stage's verdicts.
+        `arrived` (perf_counter) is when its last byte came in, for the timing report."""
         batch, stage = acts.batch, self.stage
         if stage.is_last:
             asked = sum(len(s.judged_rows) for s in batch.slices if s.return_logits)
@@ -98,13 +99,15 @@ class StageRunner:
         stage_ms = 1000 * (time.perf_counter() - t0)
         if not stage.is_last:
             assert not isinstance(out, list)
-            return Outcome(batch_to_wire(Activations(batch, out), f16=self.wire_f16), None,
-                           stage_ms)
+            busy_ms = 1000 * (time.perf_counter() - (arrived or t0))
+            times = [*acts.times, (stage_ms, busy_ms)]
+            return Outcome(batch_to_wire(Activations(batch, out, times), f16=self.wire_f16),
+                           None, stage_ms)
         assert isinstance(out, list)
         verdicts = [judge(s, logits) for s, logits in zip(batch.slices, out, strict=True)
                     if s.judge and s.tokens]
-        return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts), stage_ms),
-                       stage_ms)
+        return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts, acts.times),
+                                          stage_ms), stage_ms)
 
     def truncate(self, seqs: list[int], length: int) -> list[int]:
         targets = seqs or list(range(self.stage.config.n_seq_max))

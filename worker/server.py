@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,7 +36,6 @@ from cluster.wire_convert import (
     load_from_wire,
     node_to_wire,
     progress_to_wire,
-    timing_to_wire,
 )
 from worker.auth import TokenInterceptor
 from worker.downstream import Downstream, DownstreamUnavailable
@@ -42,7 +43,14 @@ from worker.options import WorkerOptions
 from worker.runner import StageRunner, versions
 
 log = logging.getLogger(__name__)
+
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+T = TypeVar("T")
+# Batches up to this many rows (decode steps, drafts included) are computed on the event
+# loop: the executor's two thread hand-offs cost ~0.2 ms a step (bench/overhead.py), and
+# a decode blocks the loop no longer than a GPU's ~17 ms stage token. Prompt chunks (and
+# everything while the compute thread is busy) go to the compute thread.
+INLINE_ROWS = 64
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -55,6 +63,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.name = options.name
         self._health = health_servicer
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="stage")
+        self._stage_lock = threading.Lock()
         self._runner: StageRunner | None = None
         self._spec: LoadSpec | None = None
         self._downstream: Downstream | None = None
@@ -99,8 +108,8 @@ class WorkerService(pb_grpc.WorkerServicer):
 
             old, self._runner = self._runner, None
             if old:
-                await loop.run_in_executor(self._compute, old.close)
-            task = loop.run_in_executor(self._compute, StageRunner.open, model, spec, report)
+                await self._in_stage(old.close)
+            task = asyncio.ensure_future(self._in_stage(StageRunner.open, model, spec, report))
             while not task.done() or not updates.empty():
                 try:
                     yield await asyncio.wait_for(updates.get(), 0.2)
@@ -135,8 +144,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no stage loaded")
         assert runner is not None
         try:
-            lengths = await asyncio.get_running_loop().run_in_executor(
-                self._compute, runner.truncate, list(request.seqs), request.length)
+            lengths = await self._in_stage(runner.truncate, list(request.seqs),
+                                           request.length)
         except InvalidForward as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.TruncateReply(lengths=lengths)
@@ -175,16 +184,27 @@ class WorkerService(pb_grpc.WorkerServicer):
         if runner is None:
             raise InvalidForward("no stage loaded")
         t0 = time.perf_counter()
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            self._compute, runner.run, acts)
+        if acts.batch.n_rows <= INLINE_ROWS and self._stage_lock.acquire(blocking=False):
+            try:  # a decode step: computed here, without two thread hand-offs
+                outcome = runner.run(acts, t0)
+            finally:
+                self._stage_lock.release()
+        else:
+            outcome = await self._in_stage(runner.run, acts, t0)
         if outcome.reply is not None:  # the last stage's verdicts
             self._publish(outcome.reply)
             return
         if self._downstream is None:
             raise InvalidForward("this stage has no downstream worker")
         await self._downstream.send(acts.batch.batch_id, outcome.downstream)
-        self._publish(timing_to_wire(acts.batch.batch_id, outcome.stage_ms,
-                                     1000 * (time.perf_counter() - t0)))
+
+    async def _in_stage(self, work: Callable[..., T], *args: object) -> T:
+        """`work` on the compute thread, holding the stage: llama.cpp contexts are not
+        thread-safe, and small batches may run on the event loop (`_process`)."""
+        def locked() -> T:
+            with self._stage_lock:
+                return work(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, locked)
 
     def _publish(self, reply: pb.ForwardReply) -> None:
         for queue in self._subscribers:
@@ -205,8 +225,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self._downstream:
             await self._downstream.close()
         if self._runner:
-            await asyncio.get_running_loop().run_in_executor(self._compute,
-                                                             self._runner.close)
+            await self._in_stage(self._runner.close)
         self._compute.shutdown(wait=True)
 
 

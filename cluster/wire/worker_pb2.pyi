@@ -190,7 +190,7 @@ class Slice(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ...) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("batch_id", "slices", "hidden", "dtype", "n_embd", "chunk_index", "n_chunks")
+    __slots__ = ("batch_id", "slices", "hidden", "dtype", "n_embd", "chunk_index", "n_chunks", "times")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class ForwardMessage(_message.Message):
     N_EMBD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     N_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     slices: _containers.RepeatedCompositeFieldContainer[Slice]
     hidden: bytes
@@ -205,7 +206,16 @@ class ForwardMessage(_message.Message):
     n_embd: int
     chunk_index: int
     n_chunks: int
-    def __init__(self, batch_id: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ...) -> None: ...
+    times: _containers.RepeatedCompositeFieldContainer[StageTime]
+    def __init__(self, batch_id: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., hidden: _Optional[bytes] = ..., dtype: _Optional[_Union[HiddenDType, str]] = ..., n_embd: _Optional[int] = ..., chunk_index: _Optional[int] = ..., n_chunks: _Optional[int] = ..., times: _Optional[_Iterable[_Union[StageTime, _Mapping]]] = ...) -> None: ...
+
+class StageTime(_message.Message):
+    __slots__ = ("stage_ms", "busy_ms")
+    STAGE_MS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    stage_ms: float
+    busy_ms: float
+    def __init__(self, stage_ms: _Optional[float] = ..., busy_ms: _Optional[float] = ...) -> None: ...
 
 class SeqResult(_message.Message):
     __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab")
@@ -240,18 +250,18 @@ class StepError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("batch_id", "result", "error", "stage_ms", "busy_ms")
+    __slots__ = ("batch_id", "result", "error", "stage_ms", "times")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STAGE_MS_FIELD_NUMBER: _ClassVar[int]
-    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     result: BatchResult
     error: StepError
     stage_ms: float
-    busy_ms: float
-    def __init__(self, batch_id: _Optional[int] = ..., result: _Optional[_Union[BatchResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., stage_ms: _Optional[float] = ..., busy_ms: _Optional[float] = ...) -> None: ...
+    times: _containers.RepeatedCompositeFieldContainer[StageTime]
+    def __init__(self, batch_id: _Optional[int] = ..., result: _Optional[_Union[BatchResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ..., stage_ms: _Optional[float] = ..., times: _Optional[_Iterable[_Union[StageTime, _Mapping]]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ()

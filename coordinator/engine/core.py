@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cluster.errors import SpecshardError
 from cluster.messages import Batch, SeqResult, Slice
@@ -35,6 +36,7 @@ from coordinator.speculation.gamma import DraftCosts, GammaPolicy
 from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
 MAX_RECOVERIES = 5  # in a row: a ring that keeps failing is reported, not retried forever
 
 
@@ -103,6 +105,7 @@ class EngineCore:
         self.frees: set[int] = set()  # slots to clear on every stage with the next batch
         self.recoveries = 0
         self.timings: deque[BatchTiming] = deque(maxlen=4096)
+        self._stage_series: dict[str, Any] = {}  # per-worker histogram children
         self._next_id = 1
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -260,8 +263,7 @@ class EngineCore:
             seq.in_flight -= 1
             if seq.done:
                 continue
-            seq.history.append((flight.batch.batch_id, replace(
-                piece, judge=False, return_logits=False, draft_dists=[])))
+            seq.history.append((flight.batch.batch_id, piece))  # replayed without verdicts
             result = verdicts.get(piece.seq) if piece.judge else None
             if piece.judge and result is None:
                 self._finish(seq, error=SpecshardError(
@@ -353,7 +355,10 @@ class EngineCore:
         self.timings.append(BatchTiming(flight.batch.n_rows, wall_ms, done.stage_ms,
                                         done.busy_ms))
         for worker, ms in done.stage_ms.items():
-            self.metrics.stage_ms.labels(worker=worker).observe(ms)
+            series = self._stage_series.get(worker)
+            if series is None:
+                series = self._stage_series[worker] = self.metrics.stage_ms.labels(worker=worker)
+            series.observe(ms)
         hops = len(done.stage_ms) + 1
         if done.stage_ms:
             self.metrics.hop_ms.observe(max(wall_ms - sum(done.stage_ms.values()), 0) / hops)

@@ -7,7 +7,6 @@ engine's inbox (`sink`) by the threads that read each worker's Results stream.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import socket
@@ -15,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -146,35 +145,29 @@ def rpc_error(address: str, exc: grpc.RpcError) -> SpecshardError:
     return SpecshardError(f"worker {address}: {details}")
 
 
-@dataclass
-class _Timings:
-    """Per-batch timing reports, until the batch's verdict arrives."""
-
-    stage_ms: dict[int, dict[str, float]] = field(default_factory=dict)
-    busy_ms: dict[int, dict[str, float]] = field(default_factory=dict)
-
-
 class GrpcRing:
     """Running workers chained into a ring, fed batches by the engine."""
 
     def __init__(self, addresses: list[str], token: str | None = None,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, clients: list[WorkerClient] | None = None
+                 ) -> None:
+        """`clients`: channels to the workers owned by the caller (one channel per worker
+        in a process: each sync channel runs a thread of its own)."""
         if not addresses:
             raise SpecshardError("a ring needs at least one worker")
         self.addresses = list(addresses)
         self.tls = tls
-        self.workers = [WorkerClient(a, token, tls) for a in addresses]
+        self._owns_clients = clients is None
+        self.workers = clients or [WorkerClient(a, token, tls) for a in addresses]
         self.specs: list[LoadSpec] = []
         self._sink: Callable[[RingEvent], None] = lambda _event: None
         self._outbox: queue.Queue[pb.ForwardMessage | None] = queue.Queue()
-        self._timings = _Timings()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._calls: list[grpc.Future] = []
         self._subscribed = [threading.Event() for _ in addresses]
         self._lost: str | None = None
         self._closed = False
-        self._ids = itertools.count(1)
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -262,35 +255,21 @@ class GrpcRing:
 
     def _on_reply(self, worker: str, reply: pb.ForwardReply) -> None:
         outcome = reply.WhichOneof("outcome")
-        bid = reply.batch_id
-        t = self._timings
-        if outcome is None:
-            with self._lock:
-                t.stage_ms.setdefault(bid, {})[worker] = reply.stage_ms
-                t.busy_ms.setdefault(bid, {})[worker] = reply.busy_ms
-            return
         if outcome == "error":
             e = reply.error
             code = _CODES.get(e.code, grpc.StatusCode.UNKNOWN)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 self._lose(f"{e.worker}: {e.message}")
             else:
-                self._forget(bid)
-                self._sink(BatchFailed(bid, code, e.message, e.worker))
+                self._sink(BatchFailed(reply.batch_id, code, e.message, e.worker))
             return
-        with self._lock:
-            stage_ms = t.stage_ms.pop(bid, {})
-            busy_ms = t.busy_ms.pop(bid, {})
-            for old in [b for b in t.stage_ms if b < bid - 64]:  # reports that lost a race
-                t.stage_ms.pop(old, None)
-                t.busy_ms.pop(old, None)
-        stage_ms[worker] = reply.stage_ms
-        self._sink(BatchDone(result_from_wire(reply), stage_ms, busy_ms))
-
-    def _forget(self, batch_id: int) -> None:
-        with self._lock:
-            self._timings.stage_ms.pop(batch_id, None)
-            self._timings.busy_ms.pop(batch_id, None)
+        if outcome is None:
+            return  # nothing to act on (no worker sends these today)
+        result = result_from_wire(reply)
+        # The workers report in ring order: the i-th time is the i-th worker's.
+        named = list(zip(self.addresses, result.times, strict=False))
+        self._sink(BatchDone(result, {a: s for a, (s, _) in named},
+                             {a: b for a, (_, b) in named[:-1]}))
 
     def _lose(self, why: str) -> None:
         with self._lock:
@@ -309,9 +288,6 @@ class GrpcRing:
     @property
     def n_seq(self) -> int:
         return min(s.n_seq_max for s in self.specs)
-
-    def new_batch_id(self) -> int:
-        return next(self._ids)
 
     def submit(self, batch: Batch) -> None:
         """Send a batch down the ring; its outcome arrives at the sink."""
@@ -336,5 +312,6 @@ class GrpcRing:
         deadline = time.monotonic() + 5
         for thread in self._threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.1))
-        for w in self.workers:
-            w.close()
+        if self._owns_clients:
+            for w in self.workers:
+                w.close()

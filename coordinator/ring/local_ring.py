@@ -6,7 +6,6 @@ computed at once in the caller's thread, hidden states passed in memory.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,6 @@ class LocalRing:
         self.stages = stages
         self.addresses = [f"local:{s.begin}-{s.end}" for s in stages]
         self._sink: Callable[[RingEvent], None] = lambda _event: None
-        self._ids = itertools.count(1)
 
     @classmethod
     def load(cls, model: Path, specs: list[StageSpec], n_ctx: int = 4096,
@@ -60,9 +58,6 @@ class LocalRing:
 
     def connect(self, sink: Callable[[RingEvent], None]) -> None:
         self._sink = sink
-
-    def new_batch_id(self) -> int:
-        return next(self._ids)
 
     def logits(self, batch: Batch) -> tuple[list[np.ndarray], dict[str, float]]:
         """Every slice's judged rows' logits, and each stage's time."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from cluster.messages import Batch, Slice
@@ -51,7 +52,9 @@ def replay_plan(sequences: list[Sequence]) -> list[list[Slice]]:
     by_batch: dict[int, list[Slice]] = defaultdict(list)
     for seq in sequences:
         for batch_id, piece in seq.history:
-            by_batch[batch_id].append(piece)
+            # The caches only: the last worker judges nothing (same rows, same K/V).
+            by_batch[batch_id].append(replace(piece, judge=False, return_logits=False,
+                                              draft_dists=[]))
     return [sorted(by_batch[b], key=lambda s: s.seq) for b in sorted(by_batch)]
 
 

@@ -113,7 +113,8 @@ class RingSupervisor:
         return self.ring
 
     def _load(self, progress: bool = False) -> GrpcRing:
-        ring = GrpcRing(self.workers.addresses, self.workers.token, self.workers.tls)
+        ring = GrpcRing(self.workers.addresses, self.workers.token, self.workers.tls,
+                        clients=self._clients)
         try:
             ring.load(self.specs, progress=progress)
         except BaseException:
