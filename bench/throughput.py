@@ -153,18 +153,20 @@ def specshard(model: Path, tokenizer: Tokenizer, args: argparse.Namespace,
             out: dict[str, Any] = {"split": [(s.begin, s.end) for s in built.plan.stages]
                                    if built.plan else None,
                                    "costs": engine.core.policy.costs.as_dict()}
-            first = engine.generate(GenerationRequest(work["prefill"], 1))
-            out["prefill_ttft_s"] = first.stats.prefill_s
-            out["batched"] = batched(engine, work["batched"], args.tokens)
-            one = engine.generate(GenerationRequest(work["decode"][0], args.tokens,
-                                                    ignore_eos=True))
-            out["decode_tok_s"], out["decode_tokens"] = one.stats.tok_s, one.tokens
-            streams = work["batched"][:args.streams]
-            out["itl_alone"] = streams_itl(engine, streams, 8 + args.alone_tokens, None)
-            out["itl_with_prompt"] = streams_itl(engine, streams, args.stream_tokens,
-                                                 work["prefill"])
-            out["max_batch_rows_while_decoding"] = engine.core.config.rows_while_decoding(
-                (args.streams + 1) // 2)
+            if "a" in args.workloads:
+                first = engine.generate(GenerationRequest(work["prefill"], 1))
+                out["prefill_ttft_s"] = first.stats.prefill_s
+            if "b" in args.workloads:
+                out["batched"] = batched(engine, work["batched"], args.tokens)
+            if "c" in args.workloads:
+                one = engine.generate(GenerationRequest(work["decode"][0], args.tokens,
+                                                        ignore_eos=True))
+                out["decode_tok_s"], out["decode_tokens"] = one.stats.tok_s, one.tokens
+            if "d" in args.workloads:
+                streams = work["batched"][:args.streams]
+                out["itl_alone"] = streams_itl(engine, streams, 8 + args.alone_tokens, None)
+                out["itl_with_prompt"] = streams_itl(engine, streams, args.stream_tokens,
+                                                     work["prefill"])
             return out
         finally:
             engine.close()
@@ -177,6 +179,7 @@ def specshard(model: Path, tokenizer: Tokenizer, args: argparse.Namespace,
 
 def llama(model: Path, work: dict[str, Any], args: argparse.Namespace,
           endpoints: list[str]) -> dict[str, Any]:
+    """The three llama.cpp workloads (a, b, c; (d) is specshard's own)."""
     runs = run_llama(model, [Decode(work["decode"][0], 8),  # warm-up
                              Prefill(work["prefill"]),
                              Batched(work["batched"], args.tokens),
@@ -203,6 +206,9 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--max-stall", type=float, default=2.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["single", "rpc"])
+    parser.add_argument("--tag", default="", help="results go to throughput-TAG.json")
+    parser.add_argument("--workloads", nargs="+", default=["a", "b", "c", "d"],
+                        choices=["a", "b", "c", "d"], help="a subset, for a quick look")
     args = parser.parse_args()
     os.sched_setaffinity(0, {0})  # the coordinator shares core 0, like the RPC host
     model = models.fetch(models.DEMO_TARGET, progress=False)
@@ -217,7 +223,7 @@ def main() -> None:
     if "rpc" not in args.skip:
         with start_rpc_servers(2, threads=1, cpus=[0, 1]) as servers:
             systems["rpc"] = llama(model, work, args, servers.endpoints)
-    report("throughput", summarize(args, systems))
+    report(f"throughput-{args.tag}" if args.tag else "throughput", summarize(args, systems))
 
 
 def summarize(args: argparse.Namespace, systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -227,19 +233,23 @@ def summarize(args: argparse.Namespace, systems: dict[str, dict[str, Any]]) -> d
         base = systems.get(name)
         if base is None:
             continue
-        ratios[f"a_prefill_vs_{name}"] = base["prefill_ttft_s"] / ours["prefill_ttft_s"]
-        ratios[f"b_batched_vs_{name}"] = ours["batched"]["e2e_tok_s"] / \
-            base["batched"]["e2e_tok_s"]
-        ratios[f"b_batched_decode_vs_{name}"] = ours["batched"]["decode_tok_s"] / \
-            base["batched"]["decode_tok_s"]
-        ratios[f"c_decode_vs_{name}"] = ours["decode_tok_s"] / base["decode_tok_s"]
-    ratios["d_p99_over_alone_p50"] = ours["itl_with_prompt"]["itl_ms_p99"] / \
-        max(ours["itl_alone"]["itl_ms_p50"], 1e-9)
-    same = {name: s["decode_tokens"] == systems["specshard"]["decode_tokens"]
-            for name, s in systems.items()}
+        if "prefill_ttft_s" in ours:
+            ratios[f"a_prefill_vs_{name}"] = base["prefill_ttft_s"] / ours["prefill_ttft_s"]
+        if "batched" in ours:
+            ratios[f"b_batched_vs_{name}"] = ours["batched"]["e2e_tok_s"] / \
+                base["batched"]["e2e_tok_s"]
+            ratios[f"b_batched_decode_vs_{name}"] = ours["batched"]["decode_tok_s"] / \
+                base["batched"]["decode_tok_s"]
+        if "decode_tok_s" in ours:
+            ratios[f"c_decode_vs_{name}"] = ours["decode_tok_s"] / base["decode_tok_s"]
+    if "itl_alone" in ours:
+        ratios["d_p99_over_alone_p50"] = ours["itl_with_prompt"]["itl_ms_p99"] / \
+            max(ours["itl_alone"]["itl_ms_p50"], 1e-9)
+    same = {name: s.get("decode_tokens") == ours.get("decode_tokens")
+            for name, s in systems.items() if "decode_tokens" in s}
     for s in systems.values():  # token lists are for the check above, not the report
         s.pop("decode_tokens", None)
-        s["batched"].pop("tokens", None)
+        s.get("batched", {}).pop("tokens", None)
     return {
         "bench": "throughput", "prompt_tokens": args.prompt_tokens,
         "sequences": args.sequences, "tokens": args.tokens, "streams": args.streams,

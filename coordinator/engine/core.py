@@ -193,12 +193,13 @@ class EngineCore:
                 return  # frees ride along with the next real batch
             self._submit(self._build(plan))
 
-    def _gamma(self, seq: Sequence, room: int) -> int:
+    def _gamma(self, seq: Sequence, room: int, at_least: int = 0) -> int:
         if self.drafter is None:
             return 0
         limit = min(room, self.ring.n_ctx - len(seq.tokens) - 1,
                     seq.request.max_tokens - seq.generated - 1)
-        return max(0, min(self.policy.choose(seq.acceptance, seq.stats.steps), limit))
+        chosen = max(self.policy.choose(seq.acceptance, seq.stats.steps), at_least)
+        return max(0, min(chosen, limit))
 
     def _build(self, plan: list[Planned]) -> Batch:
         drafts = self._drafts([p for p in plan if p.gamma > 0 and p.judge])

@@ -32,10 +32,14 @@ class SchedulerConfig:
     max_batch_tokens: int = 512
     prefill_chunk: int = 256
     micro_batches: int = 1  # batches in flight; the engine's default is the stage count
-    # A batch carrying prompt rows lasts at most this many decode-only batches. 2 keeps a
-    # stream's p99 inter-token latency within 2.5× its p50 (bench/throughput.py, (d)).
+    # A batch carrying prompt rows lasts at most this many decode-only batches: the
+    # streams' inter-token latency while a prompt arrives (bench/throughput.py, (d)).
+    # The rows are a llama_decode call of their own — on a GPU another read of the
+    # stage's weights — so below 2 a GPU would carry one prompt row per batch.
     max_stall: float = 2.0
-    row_cost: tuple[float, float] | None = None  # (a, b) seconds; None: no time bound
+    # (a, b) seconds: one llama_decode call of r rows costs a + b·r through the ring,
+    # measured at start. None: rows only (max_batch_tokens) bound a batch.
+    row_cost: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.prefill_chunk < 1 or self.micro_batches < 1:
@@ -43,15 +47,11 @@ class SchedulerConfig:
         if self.max_stall < 1:
             raise ValueError("max_stall must be ≥ 1")
 
-    def rows_while_decoding(self, decode_rows: int) -> int:
-        """The most rows a batch may hold beside `decode_rows` rows of decoding."""
-        if self.row_cost is None:
-            return self.max_batch_tokens
-        a, b = self.row_cost
-        if b <= 0:
-            return self.max_batch_tokens
-        bound = int((self.max_stall * (a + b * decode_rows) - a) / b)
-        return max(min(bound, self.max_batch_tokens), decode_rows + 1)
+    def cost(self, lengths: list[int]) -> float:
+        """A batch's time by its slices' row counts: one call per distinct length (the
+        stage runs equal-length slices together, cluster/llama/stage.py)."""
+        a, b = self.row_cost or (0.0, 0.0)
+        return a * len(set(lengths)) + b * sum(lengths)
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,20 @@ class Planned:
     def judge(self) -> bool:
         return self.seq.n_sent + self.n_tokens == len(self.seq.tokens)
 
+    @property
+    def rows(self) -> int:
+        return self.n_tokens + self.gamma
+
+
+GammaOf = Callable[[Sequence, int, int], int]  # (sequence, room, at least) → γ
+
 
 def schedule(running: list[Sequence], config: SchedulerConfig,
-             gamma_of: Callable[[Sequence, int], int]) -> list[Planned]:
+             gamma_of: GammaOf) -> list[Planned]:
     """The next micro-batch's plan; empty when nothing can be sent now.
 
-    `gamma_of(seq, room)` is the sequence's γ for its next step, at most `room`."""
+    `gamma_of(seq, room, at_least)` is the sequence's γ for its next step — at least
+    `at_least` if its limits allow, at most `room`."""
     decoding = [s for s in running if s.decoding and not s.done]
     cap = math.ceil(len(decoding) / config.micro_batches)
     budget = config.max_batch_tokens if decoding else sys.maxsize
@@ -78,18 +86,46 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
         n = min(s.pending, budget)
         if n <= 0:
             break
-        gamma = gamma_of(s, budget - n) if n == s.pending else 0
+        gamma = gamma_of(s, budget - n, 0) if n == s.pending else 0
         plan.append(Planned(s, n, gamma))
         budget -= n + gamma
-    if decoding:  # prompt rows only as far as the decoding streams can wait for them
-        rows = sum(p.n_tokens + p.gamma for p in plan)
-        budget = min(budget, config.rows_while_decoding(max(rows, cap)) - rows)
-    prompts = sorted((s for s in running if not s.decoding and s.ready),
-                     key=lambda s: s.arrived)
-    for s in prompts:
+    plan = _one_shape(plan, config, gamma_of, budget)
+    budget = config.max_batch_tokens - sum(p.rows for p in plan) if decoding else sys.maxsize
+    if decoding and config.row_cost is not None:
+        budget = min(budget, _prompt_rows(plan, config, cap))
+    for s in sorted((s for s in running if not s.decoding and s.ready),
+                    key=lambda s: s.arrived):
         n = min(s.pending, config.prefill_chunk, budget)
         if n <= 0:
             break
         plan.append(Planned(s, n, 0))
         budget -= n
     return plan
+
+
+def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
+               budget: int) -> list[Planned]:
+    """Give the decode slices one row count, with more guesses for the shorter ones,
+    when the call that saves costs more than the rows it adds (a GPU: a call reads the
+    stage's weights, a row costs almost nothing; a CPU: rows cost, calls do not)."""
+    lengths = [p.rows for p in plan]
+    if len(set(lengths)) < 2 or config.row_cost is None:
+        return plan
+    longest = max(lengths)
+    raised = [Planned(p.seq, p.n_tokens, gamma_of(p.seq, p.gamma + budget, longest - p.n_tokens))
+              if p.n_tokens == p.seq.pending else p for p in plan]
+    added = sum(p.rows for p in raised) - sum(lengths)
+    if added > budget or config.cost([p.rows for p in raised]) >= config.cost(lengths):
+        return plan
+    return raised
+
+
+def _prompt_rows(plan: list[Planned], config: SchedulerConfig, cap: int) -> int:
+    """Prompt rows the batch may add while sequences decode: its time stays within
+    max_stall of a decode-only batch (this one's, or one of `cap` rows when its
+    sequences are all in flight). At least one row: a prompt is never starved."""
+    a, b = config.row_cost or (0.0, 0.0)
+    lengths = [p.rows for p in plan]
+    reference = config.cost(lengths) if lengths else config.cost([1] * cap)
+    room = config.max_stall * reference - config.cost(lengths) - a  # a call of its own
+    return max(int(room / b) if b > 0 else config.max_batch_tokens, 1)

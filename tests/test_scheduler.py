@@ -1,0 +1,94 @@
+"""The scheduler's rules, on sequences in given states (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.engine.request import GenerationRequest
+from coordinator.engine.scheduler import Planned, SchedulerConfig, schedule
+from coordinator.engine.sequence import Sequence
+
+CPU = (0.085, 0.056)  # a, b seconds: every row costs (this 2-core machine, 2 workers)
+GPU = (0.017, 0.0002)  # a call reads the weights, a row costs almost nothing
+
+
+def seq(slot: int, prompt: int, generated: int = 0, arrived: float = 0.0) -> Sequence:
+    s = Sequence(GenerationRequest(list(range(1, prompt + 1)), 64), lambda _e: None,
+                 None)  # type: ignore[arg-type]  # the text stream is not used here
+    s.slot, s.arrived = slot, arrived
+    if generated:  # decoding: all but the last decided token are in the caches
+        s.tokens += [7] * generated
+        s.n_computed = s.n_sent = len(s.tokens) - 1
+    return s
+
+
+def no_draft(_seq: Sequence, _room: int, _at_least: int) -> int:
+    return 0
+
+
+def shapes(plan: list[Planned]) -> list[tuple[int, int, int]]:
+    return [(p.seq.slot, p.n_tokens, p.gamma) for p in plan]
+
+
+def test_a_lone_prompt_goes_in_prefill_chunks():
+    prompt = seq(0, 600)
+    config = SchedulerConfig(prefill_chunk=256, micro_batches=2, row_cost=CPU)
+    first = schedule([prompt], config, no_draft)
+    assert shapes(first) == [(0, 256, 0)] and not first[0].judge
+    prompt.n_sent = 256  # in flight: the next chunk goes right behind it
+    assert shapes(schedule([prompt], config, no_draft)) == [(0, 256, 0)]
+    prompt.n_sent = 512
+    last = schedule([prompt], config, no_draft)
+    assert shapes(last) == [(0, 88, 0)] and last[0].judge
+
+
+def test_decoding_sequences_split_over_the_micro_batches_by_slot():
+    running = [seq(i, 10, generated=1) for i in (5, 0, 3, 1, 7, 2, 6, 4)]
+    plan = schedule(running, SchedulerConfig(micro_batches=2), no_draft)
+    assert shapes(plan) == [(i, 1, 0) for i in range(4)]
+    for s in running[:1] + running[2:4] + running[5:6]:  # slots 5, 3, 1, 2 … in flight
+        s.judging = True
+    assert [p.seq.slot for p in schedule(running, SchedulerConfig(micro_batches=2),
+                                         no_draft)] == [0, 4, 6, 7]
+
+
+@pytest.mark.parametrize("cost, stall, most", [(CPU, 2.0, 2), (GPU, 2.0, 2), (GPU, 3.0, 89),
+                                               (CPU, 1.5, 1), (GPU, 1.5, 1)])
+def test_a_prompt_rides_with_decode_rows_as_far_as_the_streams_can_wait(cost, stall, most):
+    """Prompt rows are a call of their own (another read of the weights on a GPU): a
+    batch with them lasts at most max_stall decode-only batches — or, when even one
+    row would break that, it carries one row: a prompt is never starved."""
+    streams = [seq(i, 10, generated=3) for i in range(4)]
+    prompt = seq(4, 2048)
+    config = SchedulerConfig(prefill_chunk=256, micro_batches=2, row_cost=cost,
+                             max_stall=stall)
+    plan = schedule([*streams, prompt], config, no_draft)
+    assert shapes(plan) == [(0, 1, 0), (1, 1, 0), (4, most, 0)]
+    if most > 1:
+        assert config.cost([p.rows for p in plan]) <= stall * config.cost([1, 1])
+
+
+def test_without_costs_rows_alone_bound_a_mixed_batch():
+    streams = [seq(i, 10, generated=3) for i in range(2)]
+    config = SchedulerConfig(max_batch_tokens=40, prefill_chunk=256, micro_batches=1)
+    plan = schedule([*streams, seq(2, 500)], config, no_draft)
+    assert sum(p.rows for p in plan) == 40
+
+
+def test_guesses_even_out_the_rows_where_calls_cost_more_than_rows():
+    streams = [seq(i, 10, generated=3) for i in range(3)]
+    wanted = {0: 4, 1: 1, 2: 0}
+
+    def gamma_of(s: Sequence, room: int, at_least: int) -> int:
+        return min(max(wanted[s.slot], at_least), room)
+
+    gpu = schedule(streams, SchedulerConfig(row_cost=GPU), gamma_of)
+    assert [p.rows for p in gpu] == [5, 5, 5]  # one call instead of three
+    cpu = schedule(streams, SchedulerConfig(row_cost=CPU), gamma_of)
+    assert [p.gamma for p in cpu] == [4, 1, 0]  # extra rows would cost more
+
+
+def test_a_sequence_waiting_for_its_verdict_is_not_scheduled():
+    s = seq(0, 10, generated=2)
+    s.judging = True
+    assert schedule([s], SchedulerConfig(), no_draft) == []
