@@ -53,9 +53,15 @@ test: models lint
 	$(BIN)/python -m pytest -q --durations=15
 
 bench: models
-	$(BIN)/python bench/stage_overhead.py
-	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --workloads d --skip single rpc --tag d
+	$(BIN)/python bench/throughput.py --workloads d --skip single rpc --max-stall 1.5 \
+	    --tag stall1.5
+	$(BIN)/python bench/pipeline.py --rounds 3
+	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/spec.py
+	$(BIN)/python bench/stage_overhead.py --rounds 5
+	$(BIN)/python bench/batch_numerics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -164,9 +164,15 @@ def specshard(model: Path, tokenizer: Tokenizer, args: argparse.Namespace,
                 out["decode_tok_s"], out["decode_tokens"] = one.stats.tok_s, one.tokens
             if "d" in args.workloads:
                 streams = work["batched"][:args.streams]
-                out["itl_alone"] = streams_itl(engine, streams, 8 + args.alone_tokens, None)
+                # Alone before and after, so drift on a shared machine shows (and is
+                # averaged) rather than deciding the ratio.
+                before = streams_itl(engine, streams, 8 + args.alone_tokens, None)
                 out["itl_with_prompt"] = streams_itl(engine, streams, args.stream_tokens,
                                                      work["prefill"])
+                after = streams_itl(engine, streams, 8 + args.alone_tokens, None)
+                out["itl_alone"] = {k: (before[k] + after[k]) / 2 for k in before}
+                out["itl_alone_p50_before_after"] = [before["itl_ms_p50"],
+                                                     after["itl_ms_p50"]]
             return out
         finally:
             engine.close()
@@ -201,7 +207,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--stream-tokens", type=int, default=1024,
                         help="long enough to outlast the intruding prompt")
-    parser.add_argument("--alone-tokens", type=int, default=48,
+    parser.add_argument("--alone-tokens", type=int, default=96,
                         help="tokens per stream measured without the intruder")
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--max-stall", type=float, default=2.0)

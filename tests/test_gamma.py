@@ -114,6 +114,15 @@ def test_long_drafts_on_a_gpu_like_cost_and_none_on_a_cpu_like_one() -> None:
     assert set(cpu) == {0, 1} and cpu.count(1) == 300 // 32  # … but for a probe every 32
 
 
+def test_no_probes_where_drafting_cannot_pay() -> None:
+    # A draft token costing half a verify pass, each extra row as much as the first:
+    # even at α = 0.95 a guess costs more than it brings.
+    costly = DraftCosts(draft=0.035, verify_a=0.068, verify_b=0.057)
+    assert not GammaPolicy(costs=costly).could_pay()
+    assert set(run(GammaPolicy(costs=costly), [0.9], 200)) == {0}
+    assert GammaPolicy(costs=CPU).could_pay() and GammaPolicy(costs=GPU).could_pay()
+
+
 def test_gamma_zero_without_probes_when_asked() -> None:
     assert set(run(GammaPolicy(GammaConfig(probe_every=0), CPU), [0.6], 100)) == {0}
 
