@@ -48,9 +48,10 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 T = TypeVar("T")
 # Batches up to this many rows (decode steps, drafts included) are computed on the event
 # loop: the executor's two thread hand-offs cost ~0.2 ms a step (bench/overhead.py), and
-# a decode blocks the loop no longer than a GPU's ~17 ms stage token. Prompt chunks (and
+# such a batch blocks the loop for about a GPU's ~17 ms stage token — on this 2-core CPU
+# 0.5 s at worst, well inside the coordinator's 3 s health checks. Prompt chunks (and
 # everything while the compute thread is busy) go to the compute thread.
-INLINE_ROWS = 64
+INLINE_ROWS = 16
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]

@@ -291,8 +291,8 @@ class GrpcRing:
 
     def submit(self, batch: Batch) -> None:
         """Send a batch down the ring; its outcome arrives at the sink."""
-        if self._lost:
-            raise WorkerLost(self._lost)
+        if self._lost or self._closed:  # closed: a rebuild that failed left it behind
+            raise WorkerLost(self._lost or "the ring was closed")
         for msg in batch_to_wire(Activations(batch)):
             self._outbox.put(msg)
 
