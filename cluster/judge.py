@@ -10,7 +10,8 @@ from cluster.verify import verify
 
 def top2_gap(row: np.ndarray, best: int | None = None) -> float:
     """The margin of the argmax over the runner-up. Two max passes, not a partition: on a
-    152k vocabulary np.partition took 1.0 ms, this 0.03 (bench/overhead.py, "hops")."""
+    152k vocabulary np.partition took ~1 ms a row of the last worker's time per step
+    (timed with timeit while reading bench/overhead.py's "hops"), two passes ~0.03."""
     best = int(np.argmax(row)) if best is None else best
     below = row[:best].max(initial=-np.inf)
     above = row[best + 1:].max(initial=-np.inf)

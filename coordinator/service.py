@@ -4,7 +4,7 @@ and what `serve` and `demo` start around them (workers, Ray, the watcher)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import models
@@ -91,8 +91,6 @@ class RunningCluster:
     engine: Engine
     built: BuiltRing
     drafter: Drafter | None = None
-    tokenizer: Tokenizer | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = self.built.supervisor.describe() if self.built.supervisor \
@@ -107,8 +105,7 @@ class RunningCluster:
                 "n_ctx": self.engine.n_ctx, "micro_batches": core.config.micro_batches,
                 "max_batch_tokens": core.config.max_batch_tokens,
                 "prefill_chunk": core.config.prefill_chunk,
-                "costs": core.policy.costs.as_dict(),
-                **self.extra}
+                "costs": core.policy.costs.as_dict()}
 
     def close(self) -> None:
         try:
@@ -176,4 +173,4 @@ def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
         if drafter is not None:
             drafter.close()
         raise
-    return RunningCluster(engine, built, drafter, tokenizer)
+    return RunningCluster(engine, built, drafter)

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 T = TypeVar("T")
 # Batches up to this many rows (decode steps, drafts included) are computed on the event
-# loop: the executor's two thread hand-offs cost ~0.2 ms a step (bench/overhead.py), and
+# loop: the executor's two thread hand-offs cost ~0.1 ms each on this VM (seen in
+# timestamped traces while tuning bench/overhead.py's "hops"), and
 # such a batch blocks the loop for about a GPU's ~17 ms stage token — on this 2-core CPU
 # 0.5 s at worst, well inside the coordinator's 3 s health checks. Prompt chunks (and
 # everything while the compute thread is busy) go to the compute thread.

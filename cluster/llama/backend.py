@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from typing import Any
 
 import llama_cpp
+import numpy as np
 
 log = logging.getLogger(__name__)
 _backend_lock = threading.Lock()
@@ -29,3 +31,16 @@ def init_backend() -> None:
             llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
+
+
+def logits_row(ctx: Any, index: int, n_vocab: int) -> np.ndarray:
+    """A copy of the logits of batch row `index` of the last llama_decode."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, index)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+def free(batch: Any, ctx: Any, model: Any) -> None:
+    """Release a batch, its context and its model, in that order."""
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)

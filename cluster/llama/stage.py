@@ -23,7 +23,7 @@ import numpy as np
 
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
-from cluster.llama.backend import init_backend
+from cluster.llama.backend import free, init_backend, logits_row
 from cluster.llama.capture import Capture, make_capture
 from cluster.messages import Slice
 from cluster.model_info import KvType, TokenEmbedding
@@ -274,17 +274,11 @@ class Stage:
             if len(captured) != at:
                 raise SpecshardError(f"captured {len(captured)} rows of a batch of {at}")
             return captured
-        return [[self._logits(j) for j in rows_of] for rows_of in wanted]
-
-    def _logits(self, index: int) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return [[logits_row(self._ctx, j, self.n_vocab) for j in rows_of] for rows_of in wanted]
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            llama_cpp.llama_model_free(self._model)
+            free(self._batch, self._ctx, self._model)
             self._ctx = None
 
     def __del__(self) -> None:

@@ -103,7 +103,6 @@ class EngineCore:
         self.running: dict[int, Sequence] = {}  # by slot
         self.in_flight: dict[int, InFlight] = {}
         self.frees: set[int] = set()  # slots to clear on every stage with the next batch
-        self.recoveries = 0
         self.timings: deque[BatchTiming] = deque(maxlen=4096)
         self._stage_series: dict[str, Any] = {}  # per-worker histogram children
         self._next_id = 1
@@ -420,7 +419,6 @@ class EngineCore:
                 self.ring = self.rebuilder.rebuild(self._sink_for(self.epoch))
                 replay_batches(self.ring, list(self.running.values()), self._next_batch_id,
                                self._replay_wait)
-                self.recoveries += 1
                 self.metrics.restarts.inc()
                 return
             except (WorkerLost, SpecshardError) as exc:

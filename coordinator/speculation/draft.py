@@ -14,7 +14,7 @@ import numpy as np
 
 from cluster.errors import SpecshardError
 from cluster.gguf_file import GGUFHeader, read_header
-from cluster.llama.backend import init_backend
+from cluster.llama.backend import free, init_backend, logits_row
 from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
 from coordinator.speculation.drafting import Draft, DraftRequest
 
@@ -225,15 +225,12 @@ class DraftModel:
         rows = {}
         for seq, tokens in work:
             self.decoded[seq].extend(tokens)
-            ptr = llama_cpp.llama_get_logits_ith(self._ctx, last_of[seq])
-            rows[seq] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+            rows[seq] = logits_row(self._ctx, last_of[seq], self.n_vocab)
         return rows
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            llama_cpp.llama_model_free(self._model)
+            free(self._batch, self._ctx, self._model)
             self._ctx = None
 
     def __del__(self) -> None:

@@ -160,8 +160,3 @@ class GammaPolicy:
         k, c = self.costs, self.config
         return best_gamma([OPTIMISTIC_ALPHA] * c.gamma_max, k.draft, k.verify_a,
                           k.verify_b, 0, c.gamma_max) > 0
-
-    def snapshot(self, stats: AcceptanceStats) -> dict[str, object]:
-        """The estimates behind the choice, JSON-serialisable (for stats and logs)."""
-        return {"alphas": [round(x, 4) for x in stats.alphas(self.config.gamma_max)],
-                **self.costs.as_dict()}
