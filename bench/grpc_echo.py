@@ -1,6 +1,6 @@
 """The gRPC floor: a bare grpc.aio bidirectional-stream echo over loopback.
 
-    python bench/grpc_echo.py [--bytes 64 65536 1048576] [--n 2000]
+    python bench/grpc_echo.py [--bytes 64 65536 1048576] [--n 2000] [--gap-ms 0]
 
 What one message of a given size costs between two pinned processes before any work is
 done: the least a hop of our ring can cost (ANCHORS.md: ~170 µs p50 per message on this
@@ -82,14 +82,18 @@ async def serve(port_file: Path, payload_bytes: int) -> None:
     await server.wait_for_termination()
 
 
-async def ping(address: str, payload_bytes: int, n: int, warmup: int) -> list[float]:
-    """Round-trip ms of n messages on one stream, each sent after the last echo came."""
+async def ping(address: str, payload_bytes: int, n: int, warmup: int,
+               gap_ms: float = 0.0) -> list[float]:
+    """Round-trip ms of n messages on one stream, each sent after the last echo came —
+    at once, or after `gap_ms` with both ends idle (time.sleep: the core really rests)."""
     payload = os.urandom(payload_bytes)
     async with grpc.aio.insecure_channel(address, options=_options(payload_bytes)) as channel:
         call = channel.stream_stream(f"/{SERVICE}/{METHOD}", request_serializer=_identity,
                                      response_deserializer=_identity)()
         times = []
         for i in range(warmup + n):  # warm-up: connection set-up, HTTP/2 window growth
+            if gap_ms:
+                time.sleep(gap_ms / 1e3)
             t0 = time.perf_counter()
             await call.write(payload)
             reply = await call.read()
@@ -151,12 +155,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def echo_floor_ms(payload_bytes: int, n: int, cpus: tuple[int, int] | None = None,
-                  warmup: int = 20) -> dict[str, Any]:
+                  warmup: int = 20, gap_ms: float = 0.0) -> dict[str, Any]:
     """Round trips of `payload_bytes` over a grpc.aio stream, client and server pinned.
 
-    cpus = (client core, server core); default the first two cores we may use. Returns
-    payload_bytes, n, p50_ms, p99_ms, min_ms, and one_way_p50_ms / one_way_p99_ms
-    (half a round trip: the cost of one hop).
+    cpus = (client core, server core); default the first two cores we may use. gap_ms:
+    idle time before each message (0: back to back). A process woken from idle answers
+    later than one that just answered (the VM's and the kernel's wake-up), and a ring's
+    workers idle between steps, so a paced echo is the floor such a hop meets. Returns
+    payload_bytes, n, gap_ms, p50_ms, p99_ms, min_ms, and one_way_p50_ms /
+    one_way_p99_ms (half a round trip: the cost of one hop).
     """
     if n < 1:
         raise ValueError("n must be at least 1")
@@ -167,7 +174,7 @@ def echo_floor_ms(payload_bytes: int, n: int, cpus: tuple[int, int] | None = Non
         out = Path(tmp) / "times.json"
         cmd = [sys.executable, "-m", "bench.grpc_echo", "ping", "--address", server.address,
                "--bytes", str(payload_bytes), "--n", str(n), "--warmup", str(warmup),
-               "--pin", str(client_core), "--out", str(out)]
+               "--pin", str(client_core), "--out", str(out), "--gap-ms", str(gap_ms)]
         client = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   cwd=_ROOT)
         try:
@@ -179,7 +186,8 @@ def echo_floor_ms(payload_bytes: int, n: int, cpus: tuple[int, int] | None = Non
                                f"{err.decode(errors='replace').strip()[-300:]}")
         times: list[float] = json.loads(out.read_text())
     p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
-    return {"payload_bytes": payload_bytes, "n": n, "p50_ms": p50, "p99_ms": p99,
+    return {"payload_bytes": payload_bytes, "n": n, "gap_ms": gap_ms, "p50_ms": p50,
+            "p99_ms": p99,
             "min_ms": min(times), "one_way_p50_ms": p50 / 2, "one_way_p99_ms": p99 / 2}
 
 
@@ -193,12 +201,15 @@ def main() -> None:
     client.add_argument("--n", type=int, required=True)
     client.add_argument("--warmup", type=int, default=20)
     client.add_argument("--out", type=Path, required=True)
+    client.add_argument("--gap-ms", type=float, default=0.0)
     for p in (server, client):
         p.add_argument("--bytes", type=int, required=True)
         p.add_argument("--pin", type=int, metavar="CORE", required=True)
     parser.add_argument("--bytes", type=int, nargs="+", default=[64, 65536, 1 << 20],
                         dest="sizes", help="payload sizes to measure")
     parser.add_argument("--n", type=int, default=2000, dest="count")
+    parser.add_argument("--gap-ms", type=float, default=0.0, dest="gap",
+                        help="idle ms before each message (default 0: back to back)")
     args = parser.parse_args()
     if args.mode == "serve":
         _pin(args.pin)
@@ -206,13 +217,14 @@ def main() -> None:
     elif args.mode == "ping":
         _pin(args.pin)
         args.out.write_text(json.dumps(asyncio.run(
-            ping(args.address, args.bytes, args.n, args.warmup))))
+            ping(args.address, args.bytes, args.n, args.warmup, args.gap_ms))))
     else:
         sys.path.insert(0, str(_ROOT))  # as `python bench/grpc_echo.py`
         from bench.machine import report  # imports llama_cpp: only for the report
 
         report("grpc_echo", {"bench": "grpc_echo", "grpc": grpc.__version__,
-                             "floors": [echo_floor_ms(b, args.count) for b in args.sizes]})
+                             "floors": [echo_floor_ms(b, args.count, gap_ms=args.gap)
+                                        for b in args.sizes]})
 
 
 if __name__ == "__main__":

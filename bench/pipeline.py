@@ -8,7 +8,8 @@ llama.cpp's RPC host process) sit on core 0. Both systems get the same OpenMP sp
 policy and the same even layer split. With --latency-ms, a TCP proxy in front of every
 worker / rpc-server adds that one-way delay to every hop (this kernel has no netem).
 Rounds alternate the systems so drift on a shared machine hits all alike; medians are
-reported. Prints JSON (also written to bench/results/pipeline.json).
+reported, and means for the breakdown of a pipelined token (token, step, each worker's
+compute). Prints JSON (also written to bench/results/pipeline.json).
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ def proxied(stack: ExitStack, addresses: list[str], latency_ms: float) -> list[s
 
 
 def ring_rate(model: Path, tokenizer: Tokenizer, workers: LocalWorkers, prompt: list[int],
-              n_tokens: int, latency_ms: float) -> tuple[float, list[float], list[int]]:
-    """One greedy generation through the engine (the scheduler with one sequence)."""
+              n_tokens: int, latency_ms: float
+              ) -> tuple[float, list[float], list[int], list[tuple[float, list[float]]]]:
+    """One greedy generation through the engine (the scheduler with one sequence): its
+    tok/s, hop times, tokens, and each decode step's wall time and compute per worker
+    (ms)."""
     with ExitStack() as stack:
         addresses = proxied(stack, workers.addresses, latency_ms)
         built = build_ring(model, workers=StaticWorkers(addresses, workers.token, None),
@@ -66,8 +70,10 @@ def ring_rate(model: Path, tokenizer: Tokenizer, workers: LocalWorkers, prompt: 
         engine = start_engine(built, tokenizer, "bench", costs=FREE_DRAFT)
         stack.callback(engine.close)
         out = engine.generate(GenerationRequest(prompt, n_tokens, ignore_eos=True))
-        return out.stats.tok_s, hop_ms(list(engine.core.timings), len(addresses)), \
-            out.tokens
+        timings = list(engine.core.timings)
+        steps = [(t.wall_ms, list(t.stage_ms.values())) for t in timings[1:]
+                 if len(t.stage_ms) == len(addresses)]
+        return out.stats.tok_s, hop_ms(timings, len(addresses)), out.tokens, steps
 
 
 def rpc_rate(model: Path, endpoints: list[str], prompt: list[int], n_tokens: int,
@@ -100,6 +106,7 @@ def main() -> None:
     latencies = [0.0] + ([args.latency_ms] if args.latency_ms > 0 else [])
     rates: dict[str, list[float]] = {}
     hops: list[float] = []
+    steps: list[tuple[float, list[float]]] = []
     tokens: dict[str, list[int]] = {}
     with LocalWorkers(args.workers, pin=True, cores=cores) as workers, \
             start_rpc_servers(args.workers, threads=1, cpus=cores) as servers:
@@ -109,11 +116,12 @@ def main() -> None:
             tokens["single"] = list(single["tokens"])
             for latency in latencies:
                 tag = "" if latency == 0 else "_latency"
-                rate, hop, tokens["pipeline" + tag] = ring_rate(
+                rate, hop, tokens["pipeline" + tag], timed = ring_rate(
                     model, tokenizer, workers, prompt, args.tokens, latency)
                 rates.setdefault("pipeline" + tag, []).append(rate)
                 if latency == 0:
                     hops += hop
+                    steps += timed
                 rate, tokens["rpc" + tag] = rpc_rate(model, servers.endpoints, prompt,
                                                      args.tokens, latency)
                 rates.setdefault("rpc" + tag, []).append(rate)
@@ -125,6 +133,16 @@ def main() -> None:
         "pipeline_tok_s": round(med["pipeline"], 2), "rpc_tok_s": round(med["rpc"], 2),
         "ratio_vs_single": round(med["pipeline"] / med["single"], 3),
         "ratio_vs_rpc": round(med["pipeline"] / med["rpc"], 3),
+        # Where a pipelined token goes, as means over every round (means add up): a
+        # token's time, the step's wall time (submit to verdict) inside it, and each
+        # worker's compute inside that; the single process's token beside it.
+        "single_ms_per_token_mean": round(statistics.mean(1000 / r for r in rates["single"]),
+                                          2),
+        "pipeline_ms_per_token_mean": round(
+            statistics.mean(1000 / r for r in rates["pipeline"]), 2),
+        "pipeline_step_wall_ms_mean": round(statistics.mean(w for w, _ in steps), 2),
+        "stage_compute_ms_mean": [round(statistics.mean(s), 2)
+                                  for s in zip(*(c for _, c in steps), strict=True)],
         "hop_ms_p50": round(percentile(hops, 0.5), 3),
         "hop_ms_p99": round(percentile(hops, 0.99), 3),
         "same_tokens_as_single": {k: v == tokens["single"] for k, v in tokens.items()},

@@ -276,6 +276,16 @@ def test_echo_floor_is_finite_and_ordered(payload: int, n: int) -> None:
 
 
 @pytest.mark.slow
+def test_a_paced_echo_idles_between_messages() -> None:
+    """The paced floor (bench/overhead.py) sleeps `gap_ms` before every message."""
+    t0 = time.monotonic()
+    floor = echo_floor_ms(64, 40, warmup=10, gap_ms=20.0)
+    assert time.monotonic() - t0 >= 50 * 0.020
+    assert floor["gap_ms"] == 20.0 and 0 < floor["min_ms"] <= floor["p50_ms"] < 20.0
+    assert not _echo_children()
+
+
+@pytest.mark.slow
 def test_echo_server_is_gone_after_an_exception() -> None:
     core = min(os.sched_getaffinity(0))
     with pytest.raises(RuntimeError, match="boom"), EchoServer(64, core) as server:

@@ -292,3 +292,20 @@ def test_a_top_k_past_uint32_crosses_the_wire(fuzz: Fuzz) -> None:
     off = fuzz.call(Slice(1, 0, PROMPT1, SamplingParams(1.0), step_seed=7))
     assert huge.tokens == off.tokens
     assert_unharmed(fuzz)
+
+
+def test_a_results_subscriber_that_leaves_is_dropped(fuzz: Fuzz) -> None:
+    """Replies are written to every Results call; one that ends (its coordinator gone)
+    is dropped at the next reply and the others keep theirs."""
+    extra = fuzz.stubs[LAST].Results(pb.ResultsRequest(), metadata=fuzz.metadata,
+                                     timeout=WAIT)
+    assert next(extra).WhichOneof("outcome") is None  # the subscription's empty reply
+    case = next(c for c in FORWARD if c.worker == LAST and c.published
+                and len(c.messages) == 1)
+    fuzz.cases_run += 1
+    messages = renumbered(case.messages, 1000 * fuzz.cases_run)
+    list(fuzz.stubs[LAST].Forward(iter(messages), metadata=fuzz.metadata, timeout=WAIT))
+    got = next(extra)
+    assert (got.batch_id, got.WhichOneof("outcome")) == (messages[0].batch_id, "error")
+    extra.cancel()
+    assert_unharmed(fuzz)  # its replies after the cancel reach the ring's subscriber

@@ -147,3 +147,44 @@ def test_pin_keeps_the_worker_on_one_core(tmp_path: Path, token_file: Path):
         assert os.sched_getaffinity(running.proc.pid) == {0}
     finally:
         running.stop()
+
+
+LAUNCHER = """
+import sys, time
+from coordinator.placement.local import LocalWorkers
+workers = LocalWorkers(1).start()
+print(workers.pids()[0], flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited: state Z
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_local_worker_ends_with_the_process_that_started_it():
+    """LocalWorkers' children go when their launcher is killed (no cleanup code runs),
+    and the launcher — a process that already uses gRPC — spawns them without fork."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE,
+                                text=True)
+    pid = None
+    try:
+        line = launcher.stdout.readline() if launcher.stdout else ""
+        assert line.strip().isdigit(), f"the launcher printed {line!r}"
+        pid = int(line)
+        assert _alive(pid)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), "the worker outlived its launcher"
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)

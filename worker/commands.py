@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 from pathlib import Path
 
 from cluster.auth import read_token, tls_from_args
@@ -29,7 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--pin", type=int, metavar="CORE", help="run on this CPU core only")
     p.add_argument("--gpu", type=int, metavar="N",
                    help="use only GPU N (nvidia-smi's numbering): one worker per GPU")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # LocalWorkers
     p.set_defaults(handler=run)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the process that started it dies, so no local worker
+    outlives a killed run. Set here, not in a `preexec_fn`: that makes Python fork
+    instead of vfork, and a forked copy of a process using gRPC can crash before its
+    exec (gRPC restarts its poller in the child, on an epoll fd Popen just closed:
+    grpc/grpc#43157)."""
+    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        raise SystemExit(f"the process that started this worker ({parent}) is gone")
 
 
 def check_gpu(index: int, found: list[GpuInfo], error: str) -> GpuInfo:
@@ -56,6 +71,8 @@ def use_gpu(index: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     if args.gpu is not None:
         use_gpu(args.gpu)
     if args.pin is not None:

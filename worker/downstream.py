@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -32,15 +33,20 @@ class Downstream:
     the batches it sent were lost with the stream: it reports them all lost at once (an
     UNAVAILABLE error for batch 0 to its subscribers), and the coordinator recovers
     instead of waiting for answers that will not come.
+
+    Messages are written to the stream by the task that computed them (`send`), not
+    handed to a generator task: one event-loop hand-off less per hop (docs/overhead.md).
+    A lock keeps a batch's chunks together when two streams feed this worker.
     """
 
     def __init__(self, peer: Peer, options: WorkerOptions,
-                 publish: Callable[[pb.ForwardReply], None]) -> None:
+                 publish: Callable[[pb.ForwardReply], Awaitable[None]]) -> None:
         self.peer = peer
         self._options = options
         self._publish = publish
         self._channel: grpc.aio.Channel | None = None
-        self._queue: asyncio.Queue[pb.ForwardMessage | None] = asyncio.Queue()
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._writing = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -67,11 +73,9 @@ class Downstream:
         except asyncio.TimeoutError:  # not TimeoutError: they differ before Python 3.11
             raise DownstreamUnavailable(
                 f"cannot reach the next worker at {self.peer.address}") from None
-        self._queue = asyncio.Queue()
         stub = pb_grpc.WorkerStub(self._channel)
-        call = stub.Forward(self._requests(self._queue),
-                            metadata=call_metadata(self._options.token))
-        self._reader = asyncio.create_task(self._read(call))
+        self._call = stub.Forward(metadata=call_metadata(self._options.token))
+        self._reader = asyncio.create_task(self._read(self._call))
 
     async def _reachable(self) -> None:
         """A refused connection fails at once: gRPC would retry it for the whole
@@ -86,12 +90,6 @@ class Downstream:
             return  # a slow route or a box still booting: gRPC gets the full wait
         writer.close()
 
-    @staticmethod
-    async def _requests(queue: asyncio.Queue[pb.ForwardMessage | None]
-                        ) -> AsyncIterator[pb.ForwardMessage]:
-        while (msg := await queue.get()) is not None:
-            yield msg
-
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         try:
             async for reply in call:
@@ -102,7 +100,7 @@ class Downstream:
             if exc.code() != grpc.StatusCode.CANCELLED and not self._closing:
                 why = f"the stream to {self.peer.address} broke: {exc.details()}"
                 log.warning("%s", why)
-                self._publish(error_to_wire(0, _UNAVAILABLE, why, self._options.name))
+                await self._publish(error_to_wire(0, _UNAVAILABLE, why, self._options.name))
 
     async def send(self, batch_id: int, messages: list[pb.ForwardMessage]) -> None:
         if self._reader is None or self._reader.done():
@@ -115,12 +113,25 @@ class Downstream:
             except Exception as exc:
                 raise DownstreamUnavailable(
                     f"the next worker at {self.peer.address} is unavailable: {exc}") from exc
-        for msg in messages:
-            self._queue.put_nowait(msg)
+        call = self._call
+        assert call is not None
+        try:
+            async with self._writing:
+                for msg in messages:
+                    await call.write(msg)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise DownstreamUnavailable(f"batch {batch_id} could not be sent to "
+                                        f"{self.peer.address}: {why}") from None
 
     async def close(self) -> None:
         self._closing = True
-        self._queue.put_nowait(None)
+        if self._call is not None:
+            # Bounded: a write may wait on a next worker that stopped reading. An ended
+            # or stuck stream is ended by closing the channel below.
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError,
+                                     asyncio.TimeoutError):
+                await asyncio.wait_for(self._done_writing(self._call), 2.0)
         if self._reader:
             try:
                 await asyncio.wait_for(self._reader, 2.0)
@@ -128,3 +139,7 @@ class Downstream:
                 self._reader.cancel()
         if self._channel:
             await self._channel.close()
+
+    async def _done_writing(self, call: grpc.aio.StreamStreamCall) -> None:
+        async with self._writing:  # after the batch being written, never inside it
+            await call.done_writing()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +53,12 @@ T = TypeVar("T")
 # 0.5 s at worst, well inside the coordinator's 3 s health checks. Prompt chunks (and
 # everything while the compute thread is busy) go to the compute thread.
 INLINE_ROWS = 16
+# A peer that vanished without closing its connection (a box powered off) is found by
+# an unanswered ping and its calls end: a Results subscriber that stops reading would
+# otherwise hold the last stage's writes once gRPC's flow-control window fills.
+SERVER_KEEPALIVE: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
@@ -69,7 +75,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._runner: StageRunner | None = None
         self._spec: LoadSpec | None = None
         self._downstream: Downstream | None = None
-        self._subscribers: set[asyncio.Queue[pb.ForwardReply]] = set()
+        self._subscribers: set[_Subscriber] = set()
         self._load_lock = asyncio.Lock()
 
     # --- control -----------------------------------------------------------------------
@@ -163,12 +169,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                 if acts is not None:
                     await self._process(acts)
             except InvalidForward as exc:
-                yield self._refuse(msg.batch_id, _INVALID, str(exc))
+                yield await self._refuse(msg.batch_id, _INVALID, str(exc))
             except DownstreamUnavailable as exc:
-                yield self._refuse(msg.batch_id, _UNAVAILABLE, str(exc))
+                yield await self._refuse(msg.batch_id, _UNAVAILABLE, str(exc))
             except Exception as exc:  # a bug or llama.cpp failure: report, keep serving
                 log.exception("batch %d failed", msg.batch_id)
-                yield self._refuse(msg.batch_id, _INTERNAL, str(exc))
+                yield await self._refuse(msg.batch_id, _INTERNAL, str(exc))
         if assembler.pending is not None:
             # The sender left inside a batch: tell it, on its own stream only (the
             # coordinator learns of a lost upstream from that worker's Results, and recovers
@@ -176,9 +182,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             yield error_to_wire(assembler.pending, _INVALID, f"the stream ended before the "
                                 f"last chunk of batch {assembler.pending}", self.name)
 
-    def _refuse(self, batch_id: int, code: int, why: str) -> pb.ForwardReply:
+    async def _refuse(self, batch_id: int, code: int, why: str) -> pb.ForwardReply:
         reply = error_to_wire(batch_id, code, why, self.name)
-        self._publish(reply)
+        await self._publish(reply)
         return reply
 
     async def _process(self, acts: Activations) -> None:
@@ -194,7 +200,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         else:
             outcome = await self._in_stage(runner.run, acts, t0)
         if outcome.reply is not None:  # the last stage's verdicts
-            self._publish(outcome.reply)
+            await self._publish(outcome.reply)
             return
         if self._downstream is None:
             raise InvalidForward("this stage has no downstream worker")
@@ -208,20 +214,30 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return work(*args)
         return await asyncio.get_running_loop().run_in_executor(self._compute, locked)
 
-    def _publish(self, reply: pb.ForwardReply) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(reply)
+    async def _publish(self, reply: pb.ForwardReply) -> None:
+        """To every Results subscriber, written by the task that has the reply (no
+        queue and generator task in between: docs/overhead.md). A subscriber that stops
+        reading holds this back once its flow-control window is full, until its call
+        ends (the coordinator closes it, or SERVER_KEEPALIVE finds the peer gone)."""
+        for sub in list(self._subscribers):
+            try:
+                async with sub.writing:
+                    await sub.context.write(reply)
+            except Exception as exc:  # its call ended (a coordinator gone): drop it
+                log.info("a results subscriber left (%s): %s", type(exc).__name__, exc)
+                self._subscribers.discard(sub)
+                sub.gone.set()
 
-    async def Results(self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[pb.ForwardReply]:
-        queue: asyncio.Queue[pb.ForwardReply] = asyncio.Queue()
-        self._subscribers.add(queue)
+    async def Results(self, request: pb.ResultsRequest,
+                      context: grpc.aio.ServicerContext) -> None:
+        sub = _Subscriber(context)
+        self._subscribers.add(sub)
         try:
-            yield pb.ForwardReply()  # subscribed: the caller may start sending steps
-            while True:
-                yield await queue.get()
+            async with sub.writing:  # subscribed: the caller may start sending steps
+                await context.write(pb.ForwardReply())
+            await sub.gone.wait()  # replies are written by _publish; a cancel ends this
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.discard(sub)
 
     async def close(self) -> None:
         if self._downstream:
@@ -229,6 +245,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self._runner:
             await self._in_stage(self._runner.close)
         self._compute.shutdown(wait=True)
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    """A Results call: replies are written to its context, one writer at a time."""
+
+    context: grpc.aio.ServicerContext
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def _parsed(messages: AsyncIterator[pb.ForwardMessage],
@@ -256,7 +281,8 @@ class RunningWorker:
 async def start_worker(options: WorkerOptions) -> RunningWorker:
     check_listen(options.listen, options.token)
     interceptors = [TokenInterceptor(options.token)] if options.token else []
-    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[*CHANNEL_OPTIONS, *SERVER_KEEPALIVE])
     health_servicer = health.aio.HealthServicer()
     service = WorkerService(options, health_servicer)
     pb_grpc.add_WorkerServicer_to_server(service, server)

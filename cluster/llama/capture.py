@@ -117,6 +117,7 @@ class CaptureState(ctypes.Structure):
         ("buffer", ctypes.c_void_p), ("capacity", ctypes.c_size_t),
         ("offset", ctypes.c_size_t), ("overflow", ctypes.c_int32),
         ("timing", ctypes.c_int32), ("calls", ctypes.c_int64), ("nanos", ctypes.c_int64),
+        ("name_at", ctypes.c_int64),
     ]
 
 
@@ -139,7 +140,7 @@ class CCapture:
         self._state = CaptureState(
             get_name=_address(ggml_get_name), nbytes=_address(ggml_nbytes),
             tensor_get=_address(ggml_backend_tensor_get), name=self._name,
-            buffer=self._buffer.ctypes.data, capacity=self._buffer.nbytes)
+            buffer=self._buffer.ctypes.data, capacity=self._buffer.nbytes, name_at=-1)
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(
             _address(library.specshard_capture_eval))
 

@@ -5,10 +5,13 @@
         wait for one message (a verdict, a new request, a cancellation, a lost worker)
         update the sequences it concerns
 
-Everything that changes a sequence happens on this loop's thread, so nothing here
-needs a lock; other threads talk to it only through the inbox. Recovery is written
-next to the step it repairs (`_recover`): rebuild the ring, replay what the lost
-caches held, carry on.
+Everything that changes a sequence happens under one lock (`_step`), taken by this
+loop's thread — and by a ring thread that reads a verdict while the loop waits and
+nothing older is queued: that thread updates the sequences and submits the next batch
+itself, one thread hand-off less per token (docs/overhead.md). Other threads talk to
+the core only through the inbox. Recovery is written next to the step it repairs
+(`_recover`, on the loop's thread only): rebuild the ring, replay what the lost caches
+held, carry on.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class EngineCore:
         self.batch_timeout_s = batch_timeout_s
         self.parallel = ring.n_seq
         self.inbox: queue.Queue[Message] = queue.Queue()
+        self._step = threading.Lock()  # held while anything here changes
+        self._ready = threading.Event()  # set when the inbox gets a message
+        self._ring_down = False  # a submit found the ring lost: recovery is queued
         self.epoch = 0
         self.free_slots = list(range(self.parallel))
         self.waiting: deque[Sequence] = deque()
@@ -120,24 +126,50 @@ class EngineCore:
 
     def post(self, message: Message) -> None:
         self.inbox.put(message)
+        self._ready.set()
 
     def _sink_for(self, epoch: int):  # type: ignore[no-untyped-def]
-        return lambda event: self.inbox.put(FromRing(epoch, event))
+        return lambda event: self._from_ring(FromRing(epoch, event))
+
+    def _from_ring(self, message: FromRing) -> None:
+        """A ring thread's event. A verdict that finds the loop waiting (the step lock
+        free) and nothing older queued is handled right here, and the next batch sent
+        from here: the loop's thread would have to wake first. Anything else — and
+        everything before start() or during a recovery, which holds the lock — queues."""
+        if isinstance(message.event, BatchDone) and self._thread is not None \
+                and self._step.acquire(blocking=False):
+            try:
+                if self.inbox.empty() and not self._stopping:
+                    self._guarded(self._handle, message)
+                    self._guarded(self._fill)
+                    return
+            finally:
+                self._step.release()
+        self.post(message)
 
     def _loop(self) -> None:
         while not self._stopping:
-            try:
-                self._fill()
-                self._check_deadlines()
-                try:
-                    message = self.inbox.get(timeout=1.0)
-                except queue.Empty:
-                    continue
-                self._handle(message)
-            except Exception as exc:  # a bug: fail what runs, keep the loop for the rest
-                log.exception("engine step failed")
-                for seq in [*self.running.values(), *self.waiting]:
-                    self._finish(seq, error=exc)
+            self._ready.clear()  # before draining: a message posted after it sets it again
+            with self._step:
+                while not self._stopping:
+                    try:
+                        message = self.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._guarded(self._handle, message)
+                if self._stopping:
+                    return
+                self._guarded(self._fill)
+                self._guarded(self._check_deadlines)
+            self._ready.wait(timeout=1.0)
+
+    def _guarded(self, step: Any, *args: object) -> None:
+        try:
+            step(*args)
+        except Exception as exc:  # a bug: fail what runs, keep the loop for the rest
+            log.exception("engine step failed")
+            for seq in [*self.running.values(), *self.waiting]:
+                self._finish(seq, error=exc)
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Admit):
@@ -184,7 +216,7 @@ class EngineCore:
 
     def _fill(self) -> None:
         self._admit()
-        while len(self.in_flight) < self.config.micro_batches:
+        while len(self.in_flight) < self.config.micro_batches and not self._ring_down:
             plan = schedule(list(self.running.values()), self.config, self._gamma)
             if not plan and not self.frees:
                 return
@@ -248,8 +280,9 @@ class EngineCore:
         self.metrics.batch_rows.observe(batch.n_rows)
         try:
             self.ring.submit(batch)
-        except WorkerLost as exc:
-            self._recover(str(exc))
+        except WorkerLost as exc:  # recovery runs on the loop's thread, this may be a ring's
+            self._ring_down = True
+            self.post(FromRing(self.epoch, RingLost(str(exc))))
 
     # --- update from results -----------------------------------------------------------
 
@@ -402,6 +435,7 @@ class EngineCore:
         The batches in flight are lost; their sequences resume from what the caches held
         (`Sequence.rewind`). The replay re-sends each completed batch, restricted to the
         live sequences, so a sequence that ran alone rebuilds bit-identical caches."""
+        self._ring_down = False
         if self.rebuilder is None:
             for seq in list(self.running.values()):
                 self._finish(seq, error=WorkerLost(why))

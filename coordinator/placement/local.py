@@ -2,14 +2,13 @@
 
 Each worker gets a free port (it binds port 0 and writes the port to a file), the
 cluster token (even on loopback: other local users can reach loopback ports), and —
-with `pin` — its own CPU core, to emulate one box per worker on one machine.
+with `pin` — its own CPU core, to emulate one box per worker on one machine. Each
+ends when the process that started it does (`--parent-pid`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,6 @@ START_TIMEOUT_S = 60.0
 # Co-located llama.cpp processes: OpenMP threads spin after every op and starve each
 # other (ANCHORS.md: two 2-thread workers on 2 cores, 14 → 20 tok/s with this).
 SPIN_POLICY = {"GOMP_SPINCOUNT": "10000"}
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launcher dies, so no worker outlives a killed run."""
-    PR_SET_PDEATHSIG = 1  # linux/prctl.h
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def worker_env() -> dict[str, str]:
@@ -67,12 +60,12 @@ class LocalWorkers:
         base = Path(self._dir.name)
         cmd = [sys.executable, "-m", "cluster.cli", "worker", "--listen", "127.0.0.1:0",
                "--token-file", str(self.token_file), "--port-file", str(base / f"port{i}"),
-               "--name", f"worker-{i}"]
+               "--name", f"worker-{i}", "--parent-pid", str(os.getpid())]
         if self.pin:
             cmd += ["--pin", str(self.cores[i])]
         with open(base / f"worker{i}.log", "ab") as log:  # the child keeps its own copy
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env=worker_env(), preexec_fn=_die_with_parent)
+                                    env=worker_env())
 
     def _wait_port(self, i: int) -> int:
         port_file = Path(self._dir.name) / f"port{i}"
