@@ -83,7 +83,8 @@ class Engine:
     # --- admission ---------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> Sequence:
-        """Admit a request; its events go to `sink` (on the core's thread)."""
+        """Admit a request; its events go to `sink`, one at a time, from the core's
+        thread or from a ring reader's thread that stepped the core (core.py)."""
         self.check(request)
         with self._lock:
             waiting = len(self._outstanding) - self.parallel

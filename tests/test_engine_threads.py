@@ -1,0 +1,77 @@
+"""Where the engine's step runs (docs/overhead.md): a verdict that finds the engine idle
+is handled on the ring's reader thread, which sends the next batch itself; the tokens
+are those of the queued path (an in-process ring answers inside `submit`, while the
+step is held, so every one of its verdicts goes through the engine's inbox)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.stage_cut import split_at
+from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.placement.local import LocalWorkers
+from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.supervisor import StaticWorkers
+from coordinator.service import start_engine
+from coordinator.speculation.gamma import FREE_DRAFT
+from coordinator.tokenizer import Tokenizer
+
+N_TOKENS = 40
+WAIT = 60.0
+
+
+@pytest.fixture()
+def grpc_ring(tiny_chat_model: Path) -> Iterator[BuiltRing]:
+    with LocalWorkers(2) as workers:
+        built = build_ring(tiny_chat_model,
+                           workers=StaticWorkers(workers.addresses, workers.token, None),
+                           ctx=512, threads=1, split=split_at(4, [2]))
+        try:
+            yield built
+        finally:
+            built.close()
+
+
+def decode(built: BuiltRing, model: Path) -> tuple[list[int], Counter[str]]:
+    """Greedy tokens of one request, and which threads delivered its token events."""
+    tokenizer = Tokenizer(model)
+    prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
+    engine = start_engine(built, tokenizer, "test", costs=FREE_DRAFT)
+    events: queue.Queue[tuple[str, object]] = queue.Queue()
+    try:
+        engine.submit(GenerationRequest(prompt, N_TOKENS, ignore_eos=True),
+                      lambda e: events.put((threading.current_thread().name, e)))
+        tokens: list[int] = []
+        threads: Counter[str] = Counter()
+        while True:
+            name, event = events.get(timeout=WAIT)
+            if isinstance(event, TextChunk):
+                tokens += event.token_ids
+                threads[name] += 1
+            elif isinstance(event, Finished):
+                return tokens, threads
+            else:
+                pytest.fail(f"unexpected event {event!r}")
+    finally:
+        engine.close()
+
+
+def test_an_idle_engine_steps_on_the_ring_reader_thread(grpc_ring: BuiltRing,
+                                                        tiny_chat_model: Path) -> None:
+    tokens, threads = decode(grpc_ring, tiny_chat_model)
+    local = build_ring(tiny_chat_model, ctx=512, threads=1, split=split_at(4, [2]))
+    try:
+        queued, local_threads = decode(local, tiny_chat_model)
+    finally:
+        local.close()
+    assert len(tokens) == N_TOKENS and tokens == queued
+    assert set(local_threads) == {"engine-core"}  # the queued path, for reference
+    # One sequence: the engine waits for every verdict, so all but a few (the prompt's,
+    # any that met a message in the inbox) are handled where they were read.
+    assert threads["ring-reader"] >= 0.8 * sum(threads.values()), threads
