@@ -136,6 +136,39 @@ def test_a_worker_that_never_subscribes_is_one_clear_error(monkeypatch):
         server.stop(0)
 
 
+class Quitter(pb_grpc.WorkerServicer):
+    """A peer that subscribes, ends the Results call with status OK, and keeps taking
+    Forward messages: only the ended Results call says its answers will not come."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Results(self, request, context):  # noqa: N802 — the gRPC method's name
+        yield pb.ForwardReply()
+
+    def Forward(self, request_iterator, context):  # noqa: N802
+        self.release.wait(30)
+        return iter(())
+
+
+def test_a_results_stream_that_ends_loses_the_ring_at_once():
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    quitter = Quitter()
+    pb_grpc.add_WorkerServicer_to_server(quitter, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ring = GrpcRing([f"127.0.0.1:{port}"])
+    events: queue.Queue[RingEvent] = queue.Queue()
+    try:
+        ring.connect(events.put)
+        event = events.get(timeout=10)  # not a batch timeout
+        assert isinstance(event, RingLost) and "ended its results stream" in event.why
+    finally:
+        quitter.release.set()
+        ring.close()
+        server.stop(0)
+
+
 # --- 4: /v1/cluster does not wait on the network ----------------------------------------
 
 def test_describing_the_ring_asks_nobody(tiny_model: Path):

@@ -226,6 +226,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             except Exception as exc:  # its call ended (a coordinator gone): drop it
                 log.info("a results subscriber left (%s): %s", type(exc).__name__, exc)
                 self._subscribers.discard(sub)
+                sub.failed = f"{type(exc).__name__}: {exc}"
                 sub.gone.set()
 
     async def Results(self, request: pb.ResultsRequest,
@@ -236,6 +237,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             async with sub.writing:  # subscribed: the caller may start sending steps
                 await context.write(pb.ForwardReply())
             await sub.gone.wait()  # replies are written by _publish; a cancel ends this
+            # A write failed: if the caller is still there, it hears so now rather than
+            # waiting for answers that will not come.
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"{self.name}: a reply could not be written: {sub.failed}")
         finally:
             self._subscribers.discard(sub)
 
@@ -254,6 +259,7 @@ class _Subscriber:
     context: grpc.aio.ServicerContext
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: str = ""  # why a write to it failed
 
 
 async def _parsed(messages: AsyncIterator[pb.ForwardMessage],

@@ -244,6 +244,8 @@ class GrpcRing:
                     self._subscribed[i].set()
                     continue
                 self._on_reply(worker, reply)
+            # A worker never ends this call itself: its answers would stop coming.
+            self._lose(f"worker {worker} ended its results stream")
         except grpc.RpcError as exc:  # ignored once the ring is closing (see `_lose`)
             self._lose(f"worker {worker} stopped: {exc.details()}")  # type: ignore[attr-defined]
         finally:
