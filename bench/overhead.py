@@ -23,7 +23,9 @@ size measured in the same run (bench/grpc_echo.py). Targets (issue 8): p50 ≤ 2
 p99 ≤ 5× the echo's one-way p50 ("met"). The echo runs back to back, both ends always
 hot; a ring's processes idle between their parts of a step, and a process woken from
 idle answers later, so the same echo paced at the ring's step (both ends idle one step
-before each message) is reported beside it ("paced_…", docs/overhead.md).
+before each message) is reported beside it ("paced_…", docs/overhead.md). The ring runs
+traced (cluster/trace.py): `segments_ms_p50` splits a step into its parts, each hop and
+each process's own work between them.
 
 Each part is a function in PARTS returning its own dict: add one to add a section.
 Prints JSON (also written to bench/results/overhead.json).
@@ -32,19 +34,21 @@ Prints JSON (also written to bench/results/overhead.json).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.grpc_echo import echo_floor_ms  # noqa: E402
 from bench.machine import report  # noqa: E402
-from cluster import models  # noqa: E402
+from cluster import models, trace  # noqa: E402
 from cluster.llama.capture import KINDS  # noqa: E402
 from cluster.llama.stage import Stage, StageConfig  # noqa: E402
 from cluster.messages import Slice  # noqa: E402
@@ -138,6 +142,7 @@ def hop_overhead(model: Path, args: argparse.Namespace) -> dict[str, object]:
     os.sched_setaffinity(0, {0})
     with tempfile.TemporaryDirectory(prefix="specshard-overhead-") as tmp:
         tiny = write_tiny_model(Path(tmp) / "tiny.gguf", vocab_from=model, n_ctx=4096)
+        trace.start(str(Path(tmp) / "trace"))  # before the workers start: they inherit it
         tokenizer = Tokenizer(tiny)
         prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
         # Pinned as bench/grpc_echo.py pins its two ends: worker 0 and this process
@@ -156,6 +161,9 @@ def hop_overhead(model: Path, args: argparse.Namespace) -> dict[str, object]:
                 engine.close()
                 built.close()
                 os.sched_setaffinity(0, allowed)
+        # The workers have exited and written their points.
+        segments = trace_segments(trace.stop(), [json.loads(f.read_text())
+                                                 for f in Path(tmp).glob("trace.*.json")])
     hops = [(t.wall_ms - sum(t.stage_ms.values())) / 3 for t in timings]
     compute = [sum(t.stage_ms.values()) for t in timings]
     in_worker0 = [b - t.stage_ms[w] for t in timings for w, b in t.busy_ms.items()]
@@ -184,7 +192,49 @@ def hop_overhead(model: Path, args: argparse.Namespace) -> dict[str, object]:
         "paced_echo_one_way_ms_p99": round(paced["one_way_p99_ms"], 3),
         "hop_over_paced_floor_p50": round(p50 / paced["one_way_p50_ms"], 2),
         "hop_over_paced_floor_p99": round(p99 / paced["one_way_p50_ms"], 2),
+        "segments_ms_p50": segments,
     }
+
+
+# A step's path as bench/overhead.py's ring takes it (coordinator, worker 0, worker 1),
+# between the points cluster/trace.py names: (segment, (process, point), (process, point)).
+SEGMENTS = [
+    ("coordinator_batch_to_wire", ("c", "submit"), ("c", "write")),
+    ("hop_to_worker0", ("c", "write"), ("w0", "in")),
+    ("worker0_message_to_compute", ("w0", "in"), ("w0", "compute")),
+    ("worker0_compute", ("w0", "compute"), ("w0", "computed")),
+    ("worker0_hidden_to_wire", ("w0", "computed"), ("w0", "send")),
+    ("hop_to_worker1", ("w0", "send"), ("w1", "in")),
+    ("worker1_message_to_compute", ("w1", "in"), ("w1", "compute")),
+    ("worker1_compute", ("w1", "compute"), ("w1", "computed")),
+    ("worker1_judge", ("w1", "computed"), ("w1", "judged")),
+    ("worker1_verdict_to_wire", ("w1", "judged"), ("w1", "send")),
+    ("hop_to_coordinator", ("w1", "send"), ("c", "read")),
+    ("coordinator_verdict_to_engine", ("c", "read"), ("c", "verdict")),
+]
+
+
+def trace_segments(coordinator: Sequence[Sequence[Any]], workers: list[list[Any]]
+                   ) -> dict[str, float]:
+    """Median ms of each SEGMENTS part over the batches every point was taken for.
+    The last worker is the one that judged; a hop's time includes the receiver's
+    parsing of the message by gRPC."""
+    if len(workers) != 2:
+        raise RuntimeError(f"trace files from {len(workers)} workers, expected 2")
+    last = next((i for i, w in enumerate(workers) if any(m[0] == "judged" for m in w)), None)
+    if last is None:
+        raise RuntimeError("no worker traced a verdict")
+    roles = {"c": coordinator, "w0": workers[1 - last], "w1": workers[last]}
+    at: dict[int, dict[tuple[str, str], float]] = {}
+    for role, marks in roles.items():
+        for point, batch_id, t in marks:
+            at.setdefault(int(batch_id), {}).setdefault((role, str(point)), float(t))
+    wanted = {key for _, a, b in SEGMENTS for key in (a, b)}
+    complete = [points for points in at.values() if wanted <= points.keys()]
+    if not complete:
+        raise RuntimeError("no batch has every trace point")
+    return {name: round(statistics.median(1000 * (p[b] - p[a]) for p in complete), 3)
+            for name, a, b in SEGMENTS}
 
 
 def percentile(values: list[float], q: float) -> float:

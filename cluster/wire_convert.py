@@ -6,6 +6,8 @@ lengths, non-contiguous positions, inconsistent chunks raise InvalidForward here
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from cluster.errors import InvalidForward, SpecshardError
@@ -53,9 +55,16 @@ def sampling_to_wire(params: SamplingParams) -> pb.Sampling:
 
 
 def sampling_from_wire(msg: pb.Sampling) -> SamplingParams:
-    try:  # proto3 floats default to 0; top-p 0 means "unset" (1), as it is invalid anyway
-        return SamplingParams(temperature=msg.temperature, top_k=msg.top_k,
-                              top_p=msg.top_p or 1.0)
+    # proto3 floats default to 0; top-p 0 means "unset" (1), as it is invalid anyway
+    return _sampling(msg.temperature, msg.top_k, msg.top_p or 1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _sampling(temperature: float, top_k: int, top_p: float) -> SamplingParams:
+    """Every step of a request carries the same settings: checked once (a refusal is not
+    cached: it raises)."""
+    try:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     except SpecshardError as exc:
         raise InvalidForward(str(exc)) from exc
 

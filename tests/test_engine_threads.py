@@ -5,6 +5,8 @@ step is held, so every one of its verdicts goes through the engine's inbox)."""
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import threading
 from collections import Counter
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.overhead import SEGMENTS, trace_segments
+from cluster import trace
 from cluster.stage_cut import split_at
 from coordinator.engine.request import Finished, GenerationRequest, TextChunk
 from coordinator.placement.local import LocalWorkers
@@ -75,3 +79,28 @@ def test_an_idle_engine_steps_on_the_ring_reader_thread(grpc_ring: BuiltRing,
     # One sequence: the engine waits for every verdict, so all but a few (the prompt's,
     # any that met a message in the inbox) are handled where they were read.
     assert threads["ring-reader"] >= 0.8 * sum(threads.values()), threads
+
+
+def test_a_traced_ring_times_every_part_of_a_step(tiny_chat_model: Path, tmp_path: Path
+                                                 ) -> None:
+    """SPECSHARD_TRACE (cluster/trace.py): the coordinator and both workers mark every
+    point of every step, so bench/overhead.py can split a step into its parts."""
+    trace.start(str(tmp_path / "trace"))
+    try:
+        with LocalWorkers(2) as workers:
+            built = build_ring(tiny_chat_model,
+                               workers=StaticWorkers(workers.addresses, workers.token, None),
+                               ctx=512, threads=1, split=split_at(4, [2]))
+            try:
+                tokens, _ = decode(built, tiny_chat_model)
+            finally:
+                built.close()
+    finally:
+        coordinator = trace.stop()
+    assert len(tokens) == N_TOKENS
+    files = sorted(tmp_path.glob("trace.*.json"))  # written by each worker as it exits
+    assert len(files) == 2, files
+    segments = trace_segments(coordinator, [json.loads(f.read_text()) for f in files])
+    assert list(segments) == [name for name, _, _ in SEGMENTS]
+    assert all(ms > 0 for ms in segments.values()), segments
+    assert os.environ.get(trace.ENV) is None  # later processes are not traced

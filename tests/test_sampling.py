@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from cluster.judge import top2_gap
 from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
 from cluster.verify import Verdict, verify
 
@@ -176,3 +177,18 @@ def test_a_point_mass_guess_is_kept_with_the_targets_probability() -> None:
     kept = sum(bool(verify(np.stack([P_LOGITS, P_LOGITS]), [guess], [SparseDist.point(guess)],
                            params, rng).accepted) for _ in range(4000))
     assert abs(kept / 4000 - p.prob(guess)) < 4 * np.sqrt(0.25 / 4000)
+
+
+@pytest.mark.parametrize("writeable", [True, False])
+def test_top2_gap_is_the_margin_over_the_runner_up_and_leaves_the_row(writeable: bool
+                                                                     ) -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        row = rng.normal(size=int(rng.integers(2, 300))).astype(np.float32)
+        row[rng.integers(row.size)] = row.max()  # ties too: a margin of 0
+        before = row.copy()
+        row.flags.writeable = writeable
+        ordered = np.sort(before)
+        assert top2_gap(row) == pytest.approx(float(ordered[-1] - ordered[-2]), abs=0)
+        assert np.array_equal(row, before)
+    assert top2_gap(np.array([1.5], np.float32)) == float("inf")

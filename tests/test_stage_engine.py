@@ -134,3 +134,32 @@ def test_truncating_beyond_the_end_is_refused(tiny_model: Path):
     stage = load(tiny_model, 0, 4)
     with pytest.raises(InvalidForward, match="cannot truncate"):
         stage.truncate(0, 3)
+
+
+def test_borrowed_logits_equal_copies_until_the_next_decode(tiny_model: Path):
+    """`borrow=True` (the worker's path) returns llama.cpp's own buffer for a batch decoded
+    in one call: the same values as the copies, overwritten by the next decode."""
+    first, second = load(tiny_model, 0, 2, 2), load(tiny_model, 2, 4, 2)
+    slices = [every_row(0, 0, PROMPT[:3]), Slice(1, 0, PROMPT[3:6], n_draft=1)]  # one call
+    hidden = first.forward(slices)
+    copied = second.forward(slices, hidden)
+    second.truncate(0, 0)
+    second.truncate(1, 0)
+    borrowed = second.forward(slices, hidden, borrow=True)
+    assert isinstance(copied, list) and isinstance(borrowed, list)
+    assert [b.shape for b in borrowed] == [(3, 96), (2, 96)]
+    for b, c in zip(borrowed, copied, strict=True):
+        assert not b.flags.owndata and c.flags.owndata
+        assert np.array_equal(b, c)
+    kept = borrowed[0].copy()
+    second.forward([Slice(0, 3, [PROMPT[3]])], first.forward([Slice(0, 3, [PROMPT[3]])]),
+                   borrow=True)
+    assert not np.array_equal(borrowed[0], kept)  # a view: the next decode wrote over it
+
+
+def test_a_batch_of_several_calls_is_copied_even_when_borrowed(tiny_model: Path):
+    first = load(tiny_model, 0, 2, n_batch=4)
+    second = load(tiny_model, 2, 4, n_batch=4)
+    piece = every_row(0, 0, PROMPT[:6])  # two calls of 4 and 2 rows
+    out = second.forward([piece], first.forward([piece]), borrow=True)
+    assert isinstance(out, list) and out[0].shape == (6, 96) and out[0].flags.owndata

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from cluster import trace
 from cluster.auth import call_metadata, split_address
 from cluster.errors import SpecshardError
 from cluster.messages import Peer
@@ -118,7 +119,9 @@ class Downstream:
         try:
             async with self._writing:
                 for msg in messages:
+                    trace.mark("send", batch_id)
                     await call.write(msg)
+                    trace.mark("sent", batch_id)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             raise DownstreamUnavailable(f"batch {batch_id} could not be sent to "

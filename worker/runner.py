@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import llama_cpp
 
+from cluster import trace
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
 from cluster.judge import judge
@@ -95,7 +96,10 @@ class StageRunner:
                 raise InvalidForward(f"{asked} rows of logits asked for; a reply holds at "
                                      f"most {max_logit_rows(stage.n_vocab)}")
         t0 = time.perf_counter()
-        out = stage.forward(batch.slices, acts.hidden)
+        trace.mark("compute", batch.batch_id)
+        # Judged below, before anything decodes again: the logits need no copy.
+        out = stage.forward(batch.slices, acts.hidden, borrow=True)
+        trace.mark("computed", batch.batch_id)
         stage_ms = 1000 * (time.perf_counter() - t0)
         if not stage.is_last:
             assert not isinstance(out, list)
@@ -106,6 +110,7 @@ class StageRunner:
         assert isinstance(out, list)
         verdicts = [judge(s, logits) for s, logits in zip(batch.slices, out, strict=True)
                     if s.judge and s.tokens]
+        trace.mark("judged", batch.batch_id)
         return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts, acts.times),
                                           stage_ms), stage_ms)
 

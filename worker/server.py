@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster import models
+from cluster import models, trace
 from cluster.auth import check_listen
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.messages import Activations, LoadSpec, LoadUpdate, NodeInfo
@@ -164,6 +164,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ForwardReply]:
         assembler = BatchAssembler()
         async for msg in _parsed(request_iterator, context):
+            trace.mark("in", msg.batch_id)
             try:
                 acts = assembler.add(msg)
                 if acts is not None:
@@ -222,7 +223,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         for sub in list(self._subscribers):
             try:
                 async with sub.writing:
+                    trace.mark("send", reply.batch_id)
                     await sub.context.write(reply)
+                    trace.mark("sent", reply.batch_id)
             except Exception as exc:  # its call ended (a coordinator gone): drop it
                 log.info("a results subscriber left (%s): %s", type(exc).__name__, exc)
                 self._subscribers.discard(sub)

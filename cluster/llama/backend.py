@@ -39,6 +39,29 @@ def logits_row(ctx: Any, index: int, n_vocab: int) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
 
 
+def logits_rows(ctx: Any, indices: list[int], n_vocab: int, borrow: bool = False
+                ) -> np.ndarray:
+    """The logits of batch rows `indices` of the last llama_decode as one
+    (len(indices), n_vocab) array: copied once, or with `borrow` a view of llama.cpp's
+    own buffer when the rows lie one after another there (each ~600 KB at a 152k
+    vocabulary), valid only until the context's next decode."""
+    pointers = []
+    for index in indices:
+        ptr = llama_cpp.llama_get_logits_ith(ctx, index)
+        if not ptr:  # llama.cpp logs why: a row that asked for no logits
+            raise RuntimeError(f"llama.cpp has no logits for batch row {index}")
+        pointers.append(ctypes.addressof(ptr.contents))
+    row_bytes = 4 * n_vocab
+    if borrow and pointers and all(p == pointers[0] + k * row_bytes
+                                   for k, p in enumerate(pointers)):
+        buffer = (ctypes.c_float * (len(pointers) * n_vocab)).from_address(pointers[0])
+        return np.ctypeslib.as_array(buffer).reshape(len(pointers), n_vocab)
+    out = np.empty((len(indices), n_vocab), np.float32)
+    for k, address in enumerate(pointers):
+        ctypes.memmove(out[k].ctypes.data, address, row_bytes)
+    return out
+
+
 def free(batch: Any, ctx: Any, model: Any) -> None:
     """Release a batch, its context and its model, in that order."""
     llama_cpp.llama_batch_free(batch)

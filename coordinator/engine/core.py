@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cluster import trace
 from cluster.errors import SpecshardError
 from cluster.messages import Batch, SeqResult, Slice
 from cluster.sampling import SamplingParams, SparseDist
@@ -385,6 +386,7 @@ class EngineCore:
 
     def _observe_times(self, flight: InFlight, done: BatchDone) -> None:
         wall_ms = 1000 * (time.perf_counter() - flight.sent_at)
+        trace.mark("verdict", flight.batch.batch_id)
         self.timings.append(BatchTiming(flight.batch.n_rows, wall_ms, done.stage_ms,
                                         done.busy_ms))
         for worker, ms in done.stage_ms.items():
