@@ -8,7 +8,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from cluster.gguf_file import read_header
+from cluster.llama.ggml import row_to_float
 from cluster.messages import Batch, Slice
+from cluster.model_info import TokenEmbedding
 from cluster.stage_cut import split_at
 from coordinator.ring.local_ring import LocalRing
 from coordinator.tokenizer import Tokenizer
@@ -67,3 +70,17 @@ def test_one_stage_equals_llama_cpp_on_the_uncut_model(runs, demo_target: Path, 
         llm.close()
     assert np.abs(reference - runs[1][0]).max() == 0.0
     assert int(np.argmax(reference)) == runs[1][1][0]
+
+
+@pytest.mark.parametrize("model", ["demo_target", "demo_draft"])
+def test_ggml_row_dequantizer_gives_numpys_values(model: str, request):
+    """The first stage embeds with ggml's own to_float: the same floats as gguf's numpy
+    dequantize, for one row (a decode step) and many, repeats included."""
+    header = read_header(request.getfixturevalue(model))
+    fast, slow = TokenEmbedding(header, row_to_float), TokenEmbedding(header)
+    assert fast._to_float is not None and slow._to_float is None
+    rng = np.random.default_rng(0)
+    for ids in ([0], [fast.n_vocab - 1], rng.integers(0, fast.n_vocab, 300).tolist() + [7, 7]):
+        got = fast.lookup(np.asarray(ids))
+        assert got.shape == (len(ids), fast.n_embd) and got.dtype == np.float32
+        assert np.array_equal(got, slow.lookup(np.asarray(ids)))

@@ -25,6 +25,7 @@ from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
 from cluster.llama.backend import free, init_backend, logits_rows
 from cluster.llama.capture import Capture, make_capture
+from cluster.llama.ggml import row_to_float
 from cluster.messages import Slice
 from cluster.model_info import KvType, TokenEmbedding
 
@@ -69,7 +70,7 @@ class Stage:
         if self.is_first:
             if config.model_path is None:
                 raise SpecshardError("the first stage needs the full model for token_embd")
-            self.embedding = TokenEmbedding(read_header(config.model_path))
+            self.embedding = TokenEmbedding(read_header(config.model_path), row_to_float)
         self.capture: Capture | None = None
         self._load()
 

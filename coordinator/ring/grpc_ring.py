@@ -2,24 +2,19 @@
 
 `submit` never blocks: batches go out on one long-lived Forward stream, and what comes
 back — a batch's verdicts, its refusal, or the loss of a worker — is handed to the
-engine (`sink`) by the tasks that read each worker's Results stream. All of them run on
-one asyncio loop of the ring's own ("ring-reader"): a verdict read there is handled
-there by an idle engine, whose next batch is written from there (docs/overhead.md).
+engine's inbox (`sink`) by the threads that read each worker's Results stream.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import logging
+import queue
 import socket
 import threading
-from collections import deque
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
 
 import grpc
 import grpc.experimental
@@ -43,8 +38,6 @@ from cluster.wire_convert import (
 
 log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 30.0
-CLOSE_TIMEOUT_S = 5.0
-T = TypeVar("T")
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -84,10 +77,9 @@ class WorkerClient:
                  server_name: str = "") -> None:
         self.address = address
         self.metadata = call_metadata(token)
-        self.tls, self.server_name = tls, server_name
         options = list(CHANNEL_OPTIONS)
-        # LoadStage's progress is read on the calling thread, not handed over from
-        # gRPC's polling thread (the ring's streams use `aio_channel`).
+        # Server-streaming calls (Results, LoadStage) read on the calling thread, not
+        # handed over from gRPC's polling thread: one thread hand-off less per verdict.
         options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -95,17 +87,6 @@ class WorkerClient:
             if tls else grpc.insecure_channel(address, options)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-
-    def aio_channel(self) -> grpc.aio.Channel:
-        """A grpc.aio channel to the worker for the ring's streams; made on the loop
-        that will use it."""
-        options = list(CHANNEL_OPTIONS)
-        if self.server_name:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
-        if self.tls:
-            return grpc.aio.secure_channel(self.address, self.tls.channel_credentials(),
-                                           options)
-        return grpc.aio.insecure_channel(self.address, options)
 
     def wait_ready(self, timeout_s: float) -> None:
         # A refused connection will not turn into a worker by waiting: gRPC would retry
@@ -185,18 +166,11 @@ class GrpcRing:
         self.workers = clients or [WorkerClient(a, token, tls) for a in addresses]
         self.specs: list[LoadSpec] = []
         self._sink: Callable[[RingEvent], None] = lambda _event: None
-        # The streams run on one asyncio loop (`connect`): a verdict is read, handled
-        # by an idle engine and its next batch written, all on that loop's thread.
-        self._io: _RingLoop | None = None
-        self._outbox: deque[list[pb.ForwardMessage] | None] = deque()  # submit order
-        # asyncio's events bind to the loop that first waits on them: made here, set
-        # on the ring's loop only (`submit` goes through call_soon_threadsafe).
-        self._wake = asyncio.Event()  # the writer's: batches are waiting
-        self._subscribed = [asyncio.Event() for _ in addresses]
+        self._outbox: queue.Queue[pb.ForwardMessage | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._channels: list[grpc.aio.Channel] = []
-        self._calls: list[grpc.aio.Call] = []
-        self._tasks: list[asyncio.Future[None]] = []
+        self._threads: list[threading.Thread] = []
+        self._calls: list[grpc.Future] = []
+        self._subscribed = [threading.Event() for _ in addresses]
         self._lost: str | None = None
         self._closed = False
 
@@ -235,88 +209,58 @@ class GrpcRing:
 
         Called again, it only changes where the outcomes go (a new engine on the ring)."""
         self._sink = sink
-        if self._io is not None:
+        if self._calls:
             return
-        if self._closed:
-            raise WorkerLost(self._lost or "the ring was closed")
-        self._io = _RingLoop()
-        self._io.call(self._open(), SUBSCRIBE_TIMEOUT_S + 30)
-
-    async def _open(self) -> None:
-        """On the ring's loop: Results calls read by one task each, then worker 0's
-        Forward stream with its writer task."""
         for i, w in enumerate(self.workers):
-            channel = w.aio_channel()
-            self._channels.append(channel)
-            call = pb_grpc.WorkerStub(channel).Results(pb.ResultsRequest(),
-                                                       metadata=w.metadata)
+            call = w.stub.Results(pb.ResultsRequest(), metadata=w.metadata)
             self._calls.append(call)
-            self._tasks.append(asyncio.ensure_future(self._read_results(i, call)))
+            self._spawn(self._read_results, i, call)
         for i, subscribed in enumerate(self._subscribed):
-            try:
-                await asyncio.wait_for(subscribed.wait(), SUBSCRIBE_TIMEOUT_S)
-            except asyncio.TimeoutError:  # not TimeoutError: they differ before 3.11
+            if not subscribed.wait(SUBSCRIBE_TIMEOUT_S):
                 raise WorkerLost(f"worker {self.addresses[i]} did not take the results "
-                                 f"subscription within {SUBSCRIBE_TIMEOUT_S:.0f} s") from None
+                                 f"subscription within {SUBSCRIBE_TIMEOUT_S:.0f} s")
             if self._lost:
                 raise WorkerLost(self._lost)
         first = self.workers[0]
-        forward = pb_grpc.WorkerStub(self._channels[0]).Forward(metadata=first.metadata)
+        forward = first.stub.Forward(self._requests(), metadata=first.metadata)
         self._calls.append(forward)
-        self._tasks += [asyncio.ensure_future(self._write(forward)),
-                        asyncio.ensure_future(self._drain_inline(forward))]
+        self._spawn(self._drain_inline, forward)
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name="ring-reader")
+        thread.start()
+        self._threads.append(thread)
+
+    def _requests(self) -> Iterator[pb.ForwardMessage]:
+        while (msg := self._outbox.get()) is not None:
+            trace.mark("write", msg.batch_id)  # gRPC's thread has it: sent from here
+            yield msg
 
     # --- what comes back ---------------------------------------------------------------
 
-    async def _read_results(self, i: int, call: grpc.aio.UnaryStreamCall) -> None:
+    def _read_results(self, i: int, call: Iterator[pb.ForwardReply]) -> None:
         worker = self.addresses[i]
         try:
-            async for reply in call:
+            for reply in call:
                 if not self._subscribed[i].is_set():  # the first reply: we are subscribed
                     self._subscribed[i].set()
                     continue
-                # On the ring's loop: an idle engine handles the verdict here and its
-                # next batch goes out from here too (`submit`), with no thread between.
                 trace.mark("read", reply.batch_id)
                 self._on_reply(worker, reply)
-                # Let the writer send the batch this verdict made before this task arms
-                # its next read (~0.05 ms of gRPC's own Python on this VM).
-                await asyncio.sleep(0)
             # A worker never ends this call itself: its answers would stop coming.
             self._lose(f"worker {worker} ended its results stream")
-        except grpc.aio.AioRpcError as exc:  # ignored once the ring is closing (`_lose`)
-            self._lose(f"worker {worker} stopped: {exc.details()}")
-        except Exception as exc:  # a bug: the engine recovers rather than waits forever
-            log.exception("reading the results of %s", worker)
-            self._lose(f"reading the results of {worker} failed: "
-                       f"{type(exc).__name__}: {exc}")
+        except grpc.RpcError as exc:  # ignored once the ring is closing (see `_lose`)
+            self._lose(f"worker {worker} stopped: {exc.details()}")  # type: ignore[attr-defined]
         finally:
             self._subscribed[i].set()  # nobody waits out the timeout for a dead stream
 
-    async def _drain_inline(self, call: grpc.aio.StreamStreamCall) -> None:
+    def _drain_inline(self, call: Iterator[pb.ForwardReply]) -> None:
         try:  # inline errors repeat what worker 0 published to us
-            async for _ in call:
+            for _ in call:
                 pass
-        except grpc.aio.AioRpcError as exc:
-            self._lose(f"the stream to {self.addresses[0]} ended: {exc.details()}")
-
-    async def _write(self, call: grpc.aio.StreamStreamCall) -> None:
-        """Worker 0's stream, written in submission order, one message at a time."""
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._outbox:
-                    messages = self._outbox.popleft()
-                    if messages is None:  # closing
-                        return
-                    for msg in messages:
-                        trace.mark("write", msg.batch_id)
-                        await call.write(msg)
-        except Exception as exc:  # the call ended (AioRpcError), or a bug: batches stop
-            why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else \
-                f"{type(exc).__name__}: {exc}"
-            self._lose(f"the stream to {self.addresses[0]} ended: {why}")
+        except grpc.RpcError as exc:
+            self._lose(f"the stream to {self.addresses[0]} ended: "
+                       f"{exc.details()}")  # type: ignore[attr-defined]
 
     def _on_reply(self, worker: str, reply: pb.ForwardReply) -> None:
         outcome = reply.WhichOneof("outcome")
@@ -355,22 +299,12 @@ class GrpcRing:
         return min(s.n_seq_max for s in self.specs)
 
     def submit(self, batch: Batch) -> None:
-        """Send a batch down the ring; its outcome arrives at the sink. Batches go out in
-        the order they were submitted, from whichever thread."""
+        """Send a batch down the ring; its outcome arrives at the sink."""
         if self._lost or self._closed:  # closed: a rebuild that failed left it behind
             raise WorkerLost(self._lost or "the ring was closed")
-        io = self._io
-        if io is None:
-            raise WorkerLost("the ring is not connected")
         trace.mark("submit", batch.batch_id)
-        self._outbox.append(batch_to_wire(Activations(batch)))
-        if io.on_loop():  # a verdict's handler: the writer runs as soon as it returns
-            self._wake.set()
-            return
-        try:
-            io.loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # the loop closed under us: the ring is closing
-            raise WorkerLost(self._lost or "the ring was closed") from None
+        for msg in batch_to_wire(Activations(batch)):
+            self._outbox.put(msg)
 
     def truncate_all(self, seqs: list[int], length: int = 0) -> None:
         """Out-of-band reset of every stage, for a ring at rest (recovery)."""
@@ -382,65 +316,12 @@ class GrpcRing:
 
     def close(self) -> None:
         self._closed = True
-        io, self._io = self._io, None
-        if io is not None:
-            if io.on_loop():  # from a sink on the ring's own loop: end there, unwaited
-                io.loop.create_task(self._shut()).add_done_callback(
-                    lambda _: io.loop.stop())
-            else:
-                try:
-                    io.call(self._shut(), CLOSE_TIMEOUT_S)
-                except Exception as exc:  # still stop the loop, and say what went wrong
-                    log.warning("closing the ring's streams: %s: %s",
-                                type(exc).__name__, exc)
-                io.stop(CLOSE_TIMEOUT_S)
+        self._outbox.put(None)
+        for call in self._calls:
+            call.cancel()
+        deadline = time.monotonic() + 5
+        for thread in self._threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
         if self._owns_clients:
             for w in self.workers:
                 w.close()
-
-    async def _shut(self) -> None:
-        self._outbox.append(None)
-        self._wake.set()
-        for call in self._calls:
-            call.cancel()
-        for channel in self._channels:
-            await channel.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Nothing holds the channels: gRPC's aio poller thread ends with the last one.
-        self._channels, self._calls, self._tasks = [], [], []
-
-
-class _RingLoop:
-    """The asyncio loop that runs a ring's streams, on a thread of its own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="ring-reader")
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            self.loop.close()
-
-    def on_loop(self) -> bool:
-        return threading.current_thread() is self.thread
-
-    def call(self, work: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        """Run `work` on the loop and wait for its result (its exception is raised here)."""
-        future = asyncio.run_coroutine_threadsafe(work, self.loop)
-        try:
-            return future.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise WorkerLost(f"the ring's streams did not answer within {timeout_s:.0f} s"
-                             ) from None
-
-    def stop(self, timeout_s: float) -> None:
-        with contextlib.suppress(RuntimeError):  # already closed
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout_s)
