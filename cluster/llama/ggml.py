@@ -1,10 +1,11 @@
 """The few libggml-base functions a stage needs that llama-cpp-python does not bind."""
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
+
+from cluster.model_info import RowToFloat
 
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 _ggml_base = ctypes.CDLL(str(_LIB_DIR / "libggml-base.so"))
@@ -23,7 +24,6 @@ ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_s
 ggml_backend_tensor_get.restype = None
 
 
-
 class _TypeTraits(ctypes.Structure):
     """ggml.h's `struct ggml_type_traits`."""
 
@@ -39,7 +39,7 @@ _get_type_traits.restype = ctypes.POINTER(_TypeTraits)
 _ToFloat = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def row_to_float(ggml_type: int) -> Callable[[int, int, int], None] | None:
+def row_to_float(ggml_type: int) -> RowToFloat | None:
     """ggml's dequantizer for `ggml_type` (`to_float(src, dst, n)`), the one llama.cpp's
     CPU get_rows runs; None where ggml has none (f32 rows are read as they are)."""
     address = _get_type_traits(ggml_type).contents.to_float
