@@ -19,7 +19,7 @@ SPECSHARD_HOME ?= $(HOME)/.cache/specshard
 WHEEL_DIR := $(SPECSHARD_HOME)/wheels/$(shell printf '%s' '$(LLAMA_CPP_VERSION) $(CMAKE_ARGS)' \
 	| sha256sum | cut -c1-12)
 # Co-located llama.cpp processes: OpenMP threads spin after each op and starve each
-# other (ANCHORS.md: 14 → 20 tok/s with this on two 2-thread workers on 2 cores).
+# other (docs/build.md, "Idle threads").
 export GOMP_SPINCOUNT ?= 10000
 
 .PHONY: run test lint models bench clean
@@ -65,3 +65,11 @@ bench: models
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Two booted Debian boxes (systemd-nspawn, root) on this machine, the real playbook over
+# SSH, chat, changed=0, --check, ufw, a rolling restart during a stream, a reboot
+# (tests/deploy/check_two_boxes.py; docs/deploy.md). Caches in ~/.cache/specshard/deploy-test.
+.PHONY: deploy-test
+deploy-test: models
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider --timeout 3600 \
+	    tests/deploy/check_two_boxes.py

@@ -3,7 +3,7 @@
     python bench/grpc_echo.py [--bytes 64 65536 1048576] [--n 2000] [--gap-ms 0]
 
 What one message of a given size costs between two pinned processes before any work is
-done: the least a hop of our ring can cost (ANCHORS.md: ~170 µs p50 per message on this
+done: the least a hop of our ring can cost (docs/architecture.md: ~170 µs p50 per message on this
 2-vCPU box). No .proto: a generic handler passes raw bytes through identity
 (de)serializers. The server and the client each run in their own process, pinned as our
 workers are (by default client on core 0 like the coordinator, server on core 1 like the

@@ -2,7 +2,7 @@
 
     python bench/overhead.py [--decodes 32] [--warmup 8] [--threads 1]
 
-Part "capture" (ARCHITECTURE.md, the stage technique, point 9): on the demo target's
+Part "capture" (docs/architecture.md, "Stages"): on the demo target's
 first stage (layers 0:14), for the C capture and the Python fallback, the eval-callback
 calls per single-token decode (every ask plus the one copy), the time spent inside the
 callback (each capture times its own body, minus the clock's cost; the Python figure
@@ -63,7 +63,7 @@ from coordinator.speculation.gamma import FREE_DRAFT  # noqa: E402
 from coordinator.tokenizer import Tokenizer  # noqa: E402
 from tests.tiny_gguf import write_tiny_model  # noqa: E402
 
-FIRST_STAGE = (0, 14)  # the demo target's first half, as in ARCHITECTURE.md point 9
+FIRST_STAGE = (0, 14)  # the demo target's first half, as in docs/architecture.md, "Stages"
 PROMPT = list(range(1000, 1032))  # any ids: the decodes then attend over 32 positions
 CALLBACK_TARGET_MS = 0.05  # issue 8
 HOP_TARGET = (2.0, 5.0)  # issue 8: hop overhead p50 ≤ 2×, p99 ≤ 5× the echo floor's p50

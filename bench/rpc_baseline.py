@@ -1,5 +1,5 @@
-"""llama.cpp itself, the baseline we are compared with (ANCHORS.md): one process, or its
-RPC mode with every layer on rpc-servers.
+"""llama.cpp itself, the baseline we are compared with (docs/architecture.md,
+"Numbers"): one process, or its RPC mode with every layer on rpc-servers.
 
 `start_rpc_servers` runs N rpc-servers (bench/rpc_server_child.py), one per core, the way
 our workers are pinned. `run_llama` loads the model in a fresh process (over the servers

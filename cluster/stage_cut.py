@@ -1,4 +1,4 @@
-"""Cut a stage GGUF out of a full model (ARCHITECTURE.md, "the stage technique").
+"""Cut a stage GGUF out of a full model (docs/architecture.md, "Stages").
 
 A stage is a whole model of its own to llama.cpp: blocks a..b-1 renumbered from 0, no
 vocabulary (`tokenizer.ggml.model = "none"`, dummy tokens from `<arch>.vocab_size`), a

@@ -1,8 +1,9 @@
 """Verification of draft guesses against the target's logits.
 
-Greedy: accept while the guess is the target's argmax. Sampling: accept guess d with
-probability min(1, p(d)/q(d)); on rejection draw from the residual max(0, p − q)
-normalised. The emitted tokens are then distributed exactly as the target's p.
+Sampling: accept guess d with probability min(1, p(d)/q(d)); on rejection draw from the
+residual max(0, p − q) normalised. The emitted tokens are then distributed exactly as the
+target's p. (Greedy slices — accept while the guess is the argmax — are judged in
+`cluster/judge.py` without any of this.)
 """
 
 from __future__ import annotations
@@ -39,14 +40,9 @@ def verify(logits: np.ndarray, draft: Sequence[int], draft_dists: Sequence[Spars
     """logits[i] is the target's row after guess i (row 0: after the last real token)."""
     if len(logits) != len(draft) + 1:
         raise ValueError(f"{len(logits)} logit rows for {len(draft)} guesses")
-    accepted: list[int] = []
     if params.greedy:
-        for i, guess in enumerate(draft):
-            best = int(np.argmax(logits[i]))
-            if best != guess:
-                return Verdict(accepted, best)
-            accepted.append(guess)
-        return Verdict(accepted, int(np.argmax(logits[len(draft)])))
+        raise ValueError("greedy slices are judged by cluster.judge.judge (argmax match)")
+    accepted: list[int] = []
     if len(draft_dists) != len(draft):
         raise ValueError(f"{len(draft_dists)} draft distributions for {len(draft)} guesses")
     for i, guess in enumerate(draft):

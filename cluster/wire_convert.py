@@ -1,4 +1,4 @@
-"""The one place where protobuf meets domain objects (STYLE.md: convert in one module).
+"""The one place where protobuf meets domain objects: every other module deals in those.
 
 Also where a message is checked for shape before any worker acts on it: wrong byte
 lengths, non-contiguous positions, inconsistent chunks raise InvalidForward here.
@@ -22,7 +22,9 @@ from cluster.messages import (
     Peer,
     SeqResult,
     Slice,
+    TokenLogprobs,
 )
+from cluster.rope import RopeParams
 from cluster.sampling import SamplingParams, SparseDist
 from cluster.wire import worker_pb2 as pb
 
@@ -50,21 +52,38 @@ _DTYPES: dict[int, np.dtype] = {
 
 def sampling_to_wire(params: SamplingParams) -> pb.Sampling:
     # top_k is uint32 on the wire; any k past the vocabulary means no filter, as 0 does.
-    return pb.Sampling(temperature=params.temperature, top_k=min(params.top_k, 2**32 - 1),
-                       top_p=params.top_p)
+    return pb.Sampling(
+        temperature=params.temperature, top_k=min(params.top_k, 2**32 - 1),
+        top_p=params.top_p, min_p=params.min_p, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, repeat_penalty=params.repeat_penalty,
+        repeat_last_n=params.repeat_last_n, penalty_from=params.penalty_from,
+        logit_bias=dict(params.logit_bias),
+        logprobs=0 if params.logprobs is None else params.logprobs + 1)
 
 
 def sampling_from_wire(msg: pb.Sampling) -> SamplingParams:
-    # proto3 floats default to 0; top-p 0 means "unset" (1), as it is invalid anyway
-    return _sampling(msg.temperature, msg.top_k, msg.top_p or 1.0)
+    # proto3 floats default to 0; top-p 0 means "unset" (1), as it is invalid anyway, and
+    # so does a repeat penalty of 0.
+    return _sampling(msg.temperature, msg.top_k, msg.top_p or 1.0, msg.min_p,
+                     msg.presence_penalty, msg.frequency_penalty, msg.repeat_penalty or 1.0,
+                     msg.repeat_last_n, msg.penalty_from,
+                     tuple(sorted(msg.logit_bias.items())),
+                     msg.logprobs - 1 if msg.logprobs else None)
 
 
 @functools.lru_cache(maxsize=256)
-def _sampling(temperature: float, top_k: int, top_p: float) -> SamplingParams:
+def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, presence: float,
+              frequency: float, repeat: float, last_n: int, penalty_from: int,
+              logit_bias: tuple[tuple[int, float], ...], logprobs: int | None
+              ) -> SamplingParams:
     """Every step of a request carries the same settings: checked once (a refusal is not
     cached: it raises)."""
     try:
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              presence_penalty=presence, frequency_penalty=frequency,
+                              repeat_penalty=repeat, repeat_last_n=last_n,
+                              penalty_from=penalty_from, logit_bias=logit_bias,
+                              logprobs=logprobs)
     except SpecshardError as exc:
         raise InvalidForward(str(exc)) from exc
 
@@ -195,7 +214,10 @@ def result_to_wire(result: BatchResult, stage_ms: float) -> pb.ForwardReply:
     out = []
     for r in result.results:
         msg = pb.SeqResult(seq=r.seq, accepted=r.accepted, next_token=r.next_token,
-                           top2_gaps=r.top2_gaps)
+                           top2_gaps=r.top2_gaps, error=r.error,
+                           logprobs=[pb.TokenLogprobs(
+                               logprob=t.logprob, top_ids=[i for i, _ in t.top],
+                               top_logprobs=[lp for _, lp in t.top]) for t in r.logprobs])
         if r.logits is not None:
             msg.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
             msg.n_vocab = r.logits.shape[1]
@@ -212,7 +234,10 @@ def result_from_wire(reply: pb.ForwardReply) -> BatchResult:
             else None
         results.append(SeqResult(seq=r.seq, accepted=list(r.accepted),
                                  next_token=r.next_token, top2_gaps=list(r.top2_gaps),
-                                 logits=logits))
+                                 logits=logits, error=r.error,
+                                 logprobs=[TokenLogprobs(t.logprob, list(zip(
+                                     t.top_ids, t.top_logprobs, strict=True)))
+                                     for t in r.logprobs]))
     times = [(t.stage_ms, t.busy_ms) for t in reply.times]
     return BatchResult(batch_id=reply.batch_id, results=results,
                        times=[*times, (reply.stage_ms, 0.0)])
@@ -232,6 +257,8 @@ def load_to_wire(spec: LoadSpec) -> pb.LoadStageRequest:
         n_seq_max=spec.n_seq_max, type_k=spec.type_k, type_v=spec.type_v,
         flash_attn=spec.flash_attn, n_threads=spec.n_threads,
         wire_dtype=pb.HIDDEN_DTYPE_F16 if spec.wire_f16 else pb.HIDDEN_DTYPE_F32)
+    if spec.rope is not None:
+        msg.rope.CopyFrom(rope_to_wire(spec.rope))
     if spec.downstream:
         msg.downstream.CopyFrom(pb.Peer(address=spec.downstream.address,
                                         tls=spec.downstream.tls,
@@ -246,7 +273,27 @@ def load_from_wire(msg: pb.LoadStageRequest) -> LoadSpec:
         model_path=msg.model_path, begin=msg.begin, end=msg.end, n_ctx=msg.n_ctx,
         n_seq_max=msg.n_seq_max or 1, type_k=msg.type_k or "f16",
         type_v=msg.type_v or "f16", flash_attn=msg.flash_attn, n_threads=msg.n_threads,
-        downstream=downstream, wire_f16=msg.wire_dtype == pb.HIDDEN_DTYPE_F16)
+        downstream=downstream, wire_f16=msg.wire_dtype == pb.HIDDEN_DTYPE_F16,
+        rope=rope_from_wire(msg.rope) if msg.HasField("rope") else None)
+
+
+def rope_to_wire(rope: RopeParams) -> pb.RopeScaling:
+    return pb.RopeScaling(
+        scaling=rope.scaling, freq_base=rope.freq_base, freq_scale=rope.freq_scale,
+        yarn_orig_ctx=rope.yarn_orig_ctx, yarn_ext_factor=rope.yarn_ext_factor,
+        yarn_attn_factor=rope.yarn_attn_factor, yarn_beta_fast=rope.yarn_beta_fast,
+        yarn_beta_slow=rope.yarn_beta_slow)
+
+
+def rope_from_wire(msg: pb.RopeScaling) -> RopeParams:
+    try:
+        return RopeParams(
+            scaling=msg.scaling, freq_base=msg.freq_base, freq_scale=msg.freq_scale,
+            yarn_orig_ctx=msg.yarn_orig_ctx, yarn_ext_factor=msg.yarn_ext_factor,
+            yarn_attn_factor=msg.yarn_attn_factor, yarn_beta_fast=msg.yarn_beta_fast,
+            yarn_beta_slow=msg.yarn_beta_slow)
+    except SpecshardError as exc:
+        raise InvalidForward(str(exc)) from exc
 
 
 _PHASES = {"CUT": pb.LoadProgress.CUT, "LOAD": pb.LoadProgress.LOAD,
@@ -278,6 +325,8 @@ def node_to_wire(node: NodeInfo) -> pb.NodeInfo:
             model_n_layer=node.model_n_layer, n_ctx=s.n_ctx, n_seq_max=s.n_seq_max,
             type_k=s.type_k, type_v=s.type_v,
             downstream=s.downstream.address if s.downstream else "", capture=node.capture))
+        if s.rope is not None:
+            msg.stage.rope.CopyFrom(rope_to_wire(s.rope))
     return msg
 
 
@@ -294,7 +343,8 @@ def node_from_wire(msg: pb.NodeInfo) -> NodeInfo:
         s = msg.stage
         stage = LoadSpec(model_path=s.model_path, begin=s.begin, end=s.end, n_ctx=s.n_ctx,
                          n_seq_max=s.n_seq_max, type_k=s.type_k, type_v=s.type_v,
-                         downstream=Peer(s.downstream) if s.downstream else None)
+                         downstream=Peer(s.downstream) if s.downstream else None,
+                         rope=rope_from_wire(s.rope) if s.HasField("rope") else None)
     return NodeInfo(host=host, versions=dict(msg.versions), stage=stage,
                     model_n_layer=msg.stage.model_n_layer if stage else 0,
                     capture=msg.stage.capture if stage else "")

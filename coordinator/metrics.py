@@ -43,6 +43,10 @@ class Metrics:
                                 "Arrival to first token", buckets=_S, registry=r)
         self.batch_rows = Histogram("specshard_batch_rows", "Rows per micro-batch",
                                     buckets=_ROWS, registry=r)
+        self.batch_decode_rows = Histogram("specshard_batch_decode_rows",
+                                           "Rows of decoding sequences per micro-batch "
+                                           "(their tokens and draft guesses)",
+                                           buckets=_ROWS, registry=r)
         self.queue_depth = Gauge("specshard_queue_depth", "Requests waiting for a sequence",
                                  registry=r)
         self.running = Gauge("specshard_sequences_running", "Sequences being decoded",
@@ -52,12 +56,26 @@ class Metrics:
         self.kv_tokens = Gauge("specshard_kv_tokens",
                                "Positions held in the KV caches (every stage holds the "
                                "same positions, each for its own layers)", registry=r)
+        self.kv_cached_tokens = Gauge("specshard_kv_cached_tokens",
+                                      "Positions idle slots keep for prompt reuse",
+                                      registry=r)
+        self.prompt_tokens_reused = Counter("specshard_prompt_tokens_reused",
+                                            "Prompt tokens found in a slot's caches",
+                                            registry=r)
+        self.prompt_tokens_computed = Counter("specshard_prompt_tokens_computed",
+                                              "Prompt tokens computed by the ring",
+                                              registry=r)
         self.restarts = Counter("specshard_worker_restarts",
                                 "Ring rebuilds after a lost worker", registry=r)
         self.requests = Counter("specshard_requests", "Requests by outcome", ["outcome"],
                                 registry=r)
+        # By cause: "client" (the request's own values, HTTP 400) or "cluster" (a worker
+        # or the ring failed it: HTTP 500/503, a client may retry).
         self.requests_failed = Counter("specshard_engine_failures",
-                                       "Requests the engine could not complete", registry=r)
+                                       "Requests the engine could not complete, by cause",
+                                       ["cause"], registry=r)
+        self.ring_state = Gauge("specshard_ring_state", "1 for the engine's current state "
+                                "(running, recovering, down)", ["state"], registry=r)
 
     def observe_stats(self, stats: Stats) -> None:
         self.tok_s.set(stats.tok_s)

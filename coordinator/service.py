@@ -4,19 +4,22 @@ and what `serve` and `demo` start around them (workers, Ray, the watcher)."""
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import models
 from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
-from coordinator.engine.core import EngineCore, FromRing
+from cluster.gguf_file import read_header
+from cluster.model_info import model_info
+from cluster.rope import context_warning, rope_from_settings
+from coordinator.engine.core import EngineCore
 from coordinator.engine.frontend import Engine
 from coordinator.engine.scheduler import SchedulerConfig
 from coordinator.metrics import Metrics
 from coordinator.placement.ray_actors import RayWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
-from coordinator.ring.grpc_ring import RingLost
 from coordinator.ring.supervisor import StaticWorkers, WorkerSet
 from coordinator.settings import ServeSettings
 from coordinator.speculation.draft import DraftConfig, DraftModel, check_vocab
@@ -37,6 +40,7 @@ class EngineOptions:
     micro_batches: int | None = None  # default: one per stage
     max_stall: float = 2.0  # see SchedulerConfig
     gamma: GammaConfig = GammaConfig()
+    cache_prompt: bool = True  # finished sequences' caches stay for the next request
 
     def __post_init__(self) -> None:
         if self.queue_size < 0:
@@ -75,14 +79,13 @@ def start_engine(built: BuiltRing, tokenizer: Tokenizer, name: str,
     config = SchedulerConfig(options.max_batch_tokens, options.prefill_chunk,
                              options.micro_batches or built.n_stages, options.max_stall)
     core = EngineCore(built.ring, tokenizer, config, drafter, GammaPolicy(options.gamma),
-                      metrics, rebuilder=built.supervisor)
+                      metrics, rebuilder=built.supervisor, cache_prompt=options.cache_prompt)
     if costs is not None:
         core.use_costs(costs)
     else:
         core.calibrate(tokenizer.encode(CALIBRATION_TEXT, add_bos=False)[:32])
     if built.supervisor is not None:
-        built.supervisor.watch(lambda generation, why: core.post(FromRing(generation,
-                                                                          RingLost(why))))
+        built.supervisor.watch()
     return Engine(core, tokenizer, name, options.queue_size)
 
 
@@ -107,9 +110,10 @@ class RunningCluster:
                 "prefill_chunk": core.config.prefill_chunk,
                 "costs": core.policy.costs.as_dict()}
 
-    def close(self) -> None:
+    def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Requests end first (given `drain_timeout_s` to finish), then the ring."""
         try:
-            self.engine.close()  # requests end before the ring they run on
+            self.engine.close(drain_timeout_s)
         finally:
             try:
                 if self.drafter is not None:
@@ -130,17 +134,22 @@ def _workers(s: ServeSettings) -> tuple[WorkerSet, bool]:
         return RayWorkers(s.local_workers, local=True, tls=tls, token=token).start(), True
     if s.ray:
         return RayWorkers(s.workers, address=s.ray, tls=tls, token=token).start(), False
-    return StaticWorkers(s.worker, token, tls), False
+    return StaticWorkers(s.worker, token, tls, wait_s=s.worker_wait), False
+
+
+def gamma_config(fixed: int | None, gamma_max: int) -> GammaConfig:
+    """`--gamma` and `--gamma-max`, checked once for every command."""
+    try:
+        return GammaConfig(fixed=fixed, gamma_max=gamma_max)
+    except ValueError as exc:
+        raise SpecshardError(f"--gamma/--gamma-max: {exc}") from None
 
 
 def engine_options(s: ServeSettings) -> EngineOptions:
-    try:
-        gamma = GammaConfig(fixed=s.gamma, gamma_max=s.gamma_max)
-    except ValueError as exc:
-        raise SpecshardError(str(exc)) from None
+    gamma = gamma_config(s.gamma, s.gamma_max)
     return EngineOptions(queue_size=s.queue_size, max_batch_tokens=s.max_batch_tokens,
                          prefill_chunk=s.prefill_chunk, micro_batches=s.micro_batches,
-                         max_stall=s.max_stall, gamma=gamma)
+                         max_stall=s.max_stall, gamma=gamma, cache_prompt=s.cache_prompt)
 
 
 def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
@@ -149,6 +158,11 @@ def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
         raise SpecshardError("need --parallel ≥ 1 and --ctx ≥ 1")
     options = engine_options(s)
     model = models.resolve(s.model)
+    header = read_header(model)
+    rope = rope_from_settings(s, header)
+    warning = context_warning(s.ctx, model_info(header).n_ctx_train, rope)
+    if warning:
+        print(f"specshard: warning: {warning}", file=sys.stderr)
     tokenizer = Tokenizer(model)
     metrics = Metrics()
     # A bad draft is refused before any worker starts.
@@ -161,7 +175,7 @@ def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
             built = build_ring(model, workers=workers,
                                model_ref=str(model) if shared_disk else s.model, ctx=s.ctx,
                                parallel=s.parallel, threads=s.threads, draft=draft_path,
-                               metrics=metrics, progress=progress)
+                               metrics=metrics, progress=progress, rope=rope)
         except BaseException:
             workers.stop()
             raise

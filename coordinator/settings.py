@@ -62,6 +62,52 @@ class ServeSettings(BaseSettings):
                                                   "thinking_budget_tokens")
     chat_template_file: str | None = Field(None, description="a Jinja chat template to use "
                                                              "instead of the model's")
+    # --- llama-server's flags: RoPE scaling (cluster/rope.py) and sampling defaults
+    # (coordinator/api/sampling_defaults.py); unset: the GGUF's own values, if any.
+    rope_scaling: str | None = Field(None, description="RoPE scaling: none, linear or yarn "
+                                                       "(default: the model's)")
+    rope_scale: float | None = Field(None, description="RoPE context scaling factor: the "
+                                                       "trained context × N")
+    rope_freq_base: float | None = Field(None, description="RoPE base frequency (default: "
+                                                           "the model's)")
+    rope_freq_scale: float | None = Field(None, description="RoPE frequency scaling factor "
+                                                            "(1/N; wins over --rope-scale)")
+    yarn_orig_ctx: int | None = Field(None, description="YaRN: the model's original context "
+                                                        "(default: its trained context)")
+    yarn_ext_factor: float | None = Field(None, description="YaRN: extrapolation mix factor "
+                                                            "(default 1 with yarn)")
+    yarn_attn_factor: float | None = Field(None, description="YaRN: attention magnitude "
+                                                             "scale")
+    yarn_beta_fast: float | None = Field(None, description="YaRN: low correction dim "
+                                                            "(default 32)")
+    yarn_beta_slow: float | None = Field(None, description="YaRN: high correction dim "
+                                                            "(default 1)")
+    temp: float | None = Field(None, description="default temperature for requests that "
+                                                 "send none (default: the GGUF's "
+                                                 "general.sampling.temp, else 1.0)")
+    top_p: float | None = Field(None, description="default top-p (1.0 = off)")
+    top_k: int | None = Field(None, description="default top-k (0 = off)")
+    min_p: float | None = Field(None, description="default min-p (0 = off)")
+    presence_penalty: float | None = Field(None, description="default presence penalty")
+    frequency_penalty: float | None = Field(None, description="default frequency penalty")
+    repeat_penalty: float | None = Field(None, description="default repeat penalty (1 = "
+                                                           "off)")
+    repeat_last_n: int | None = Field(None, description="tokens the penalties look back "
+                                                        "over (default 64; -1: the whole "
+                                                        "context)")
+    strict_model_name: bool = Field(False, description="answer 404 to a request naming "
+                                                       "another model (default: any name "
+                                                       "is served by the one model, as "
+                                                       "llama-server does)")
+    cache_prompt: bool = Field(True, description="keep a finished request's caches in "
+                                                 "its slot, and start a new request from "
+                                                 "the slot sharing its longest prefix")
+    drain_timeout: float = Field(30.0, description="on SIGTERM/SIGINT: seconds running "
+                                                   "requests get to finish before they are "
+                                                   "ended (finish_reason 'abort')")
+    worker_wait: float = Field(120.0, description="with --worker: seconds to wait for a lost "
+                                                  "worker to answer again before the ring "
+                                                  "is reported down (it is retried)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +123,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             kwargs["type"] = int
         elif field.annotation in (float, float | None):
             kwargs["type"] = float
+        elif field.annotation is bool:  # --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction
         p.add_argument(flag, **kwargs)
 
 

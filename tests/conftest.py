@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from cluster import models
-from tests.tiny_gguf import write_tiny_model
-
+# Before anything imports the engine: sequence state is written by the engine's step
+# thread only, checked in every test (and in the servers the tests start).
+os.environ["SPECSHARD_OWNER_CHECK"] = "1"
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from cluster import models  # noqa: E402
+from tests.tiny_gguf import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,5 @@
-"""Shape-only GGUF fixtures (MODELS.md): a real header, a sparse hole for the data.
+"""Shape-only GGUF fixtures (docs/architecture.md, "The demo models"): a real header, a
+sparse hole for the data.
 
 QwQ-32B Q4_K_H takes its per-layer types from the model card (steampunque/QwQ-32B-Hybrid-
 GGUF, LAYER_TYPES, token_embd Q4_K, output Q6_K); the per-tensor bumps inside a layer follow

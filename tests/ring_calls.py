@@ -6,8 +6,7 @@ from __future__ import annotations
 import queue
 
 from cluster.messages import Batch, BatchResult
-from coordinator.ring.grpc_ring import BatchDone, RingEvent
-from coordinator.ring.recovery import Ring
+from coordinator.ring.contract import BatchDone, Ring, RingEvent
 
 WAIT_S = 300.0
 

@@ -11,6 +11,7 @@ local cache, not downloaded again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -143,6 +144,8 @@ def test_one_worker_per_gpu_listed_in_ring_order(tmp_path: Path) -> None:
     workers = [a for a in coordinator["serve"] if a.startswith("--worker=")]
     assert workers == ["--worker=10.0.0.1:50051", "--worker=10.0.0.1:50052",
                        "--worker=10.0.0.2:50061"]
+    serve = " ".join(coordinator["serve"])
+    assert "--ctx 4096 --parallel 1" in serve  # specshard_ctx, specshard_parallel
     assert coordinator["units"] == ["specshard-ray", "specshard-worker@0", "specshard-worker@1",
                                     "specshard-serve"]
     assert coordinator["open"] == [50051, 50052]
@@ -252,7 +255,6 @@ def local_deploy(tmp_path: Path) -> Iterator[LocalDeploy]:
         "specshard_pip_args": ["--no-deps", "--no-build-isolation", "--quiet"],
         "specshard_llama_cpp_build": False,
         "specshard_model_target": {"filename": target.name, "path": str(target.resolve())},
-        "specshard_worker_layers": "0:2",
         "specshard_worker_listen": f"127.0.0.1:{port}",
         "specshard_worker_token": token,
     }
@@ -278,9 +280,9 @@ def local_deploy(tmp_path: Path) -> Iterator[LocalDeploy]:
         stop_pid_file(pid_file)
 
 
-def play(deploy: LocalDeploy) -> subprocess.CompletedProcess[str]:
+def play(deploy: LocalDeploy, *extra: str) -> subprocess.CompletedProcess[str]:
     return run([str(BIN / "ansible-playbook"), "-i", str(deploy.inventory),
-                "-e", f"@{deploy.extra}", str(ANSIBLE / "site.yml")],
+                "-e", f"@{deploy.extra}", str(ANSIBLE / "site.yml"), *extra],
                timeout=900, tmp=deploy.tmp)
 
 
@@ -295,8 +297,8 @@ def test_deploy_a_cpu_worker_to_localhost(local_deploy: LocalDeploy) -> None:
 
     venv = tmp / "opt" / "venv"
     assert (venv / "bin" / "specshard").is_file()
-    stages = list((tmp / "home" / "stages").glob("*.layers-0-2.gguf"))
-    assert len(stages) == 1 and stages[0].stat().st_size > 0
+    # The playbook cuts no stage: a worker cuts the one the coordinator's plan gives it.
+    assert not list((tmp / "home" / "stages").glob("*.gguf"))
     tls_dir = tmp / "etc" / "tls"
     assert wait_healthy(port, tls_dir, token) == health_pb2.HealthCheckResponse.SERVING
     pid = int(local_deploy.pid_file.read_text())
@@ -309,3 +311,82 @@ def test_deploy_a_cpu_worker_to_localhost(local_deploy: LocalDeploy) -> None:
     assert second_recap["failed"] == 0 and second_recap["changed"] == 0, second.stdout[-6000:]
     assert int(local_deploy.pid_file.read_text()) == pid  # not restarted
     assert health(port, tls_dir, token) == health_pb2.HealthCheckResponse.SERVING
+
+    check = play(local_deploy, "--check", "--diff")
+    assert check.returncode == 0, check.stdout[-6000:] + check.stderr[-3000:]
+    check_recap = recap(check.stdout)
+    print("--check --diff:", check_recap)
+    assert check_recap["failed"] == 0 and check_recap["changed"] == 0, check.stdout[-6000:]
+    assert int(local_deploy.pid_file.read_text()) == pid
+
+
+# --- pieces of the playbook on their own ------------------------------------------------------
+
+FETCH = ANSIBLE / "roles" / "models" / "files" / "fetch_model.py"
+
+
+def test_the_controller_download_resumes_and_checks_the_sha256(tmp_path: Path) -> None:
+    """fetch_model.py against a real HTTP server on loopback whose first reply breaks off
+    mid-file: the second request asks for the rest (Range), the file is whole and
+    verified, a later run does not download again, and a wrong sha256 keeps no file."""
+    from tests.deploy.http_files import serve_files
+
+    blob = tmp_path / "srv" / "model.gguf"
+    blob.parent.mkdir()
+    blob.write_bytes(os.urandom(3 << 20))
+    sha = hashlib.sha256(blob.read_bytes()).hexdigest()
+    out = tmp_path / "cache" / "model.gguf"
+    with serve_files(blob.parent, cut_first=1 << 20) as files:
+        argv = [sys.executable, str(FETCH), "--url", f"{files.url}/model.gguf", "--sha256", sha,
+                "--out", str(out)]
+        first = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.startswith("downloaded")
+        assert files.ranges == ["", f"bytes={1 << 20}-"]  # resumed where it broke off
+        assert out.read_bytes() == blob.read_bytes()
+        again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert again.stdout.startswith("present") and len(files.ranges) == 2
+        bad = subprocess.run([*argv[:5], "0" * 64, "--out", str(tmp_path / "bad.gguf")],
+                             capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "expected 000" in bad.stderr
+    assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.part").exists()
+
+
+CA_PLAY = """
+- hosts: localhost
+  gather_facts: false
+  roles:
+    - role: specshard
+      tags: [never]
+    - role: services  # its handlers (a new certificate restarts the services)
+      tags: [never]
+    - role: ca
+"""
+
+
+def test_certificates_are_renewed_before_they_expire(tmp_path: Path) -> None:
+    """The ca role reissues a box's certificate when fewer than ca_renew_days remain, and
+    leaves a valid one alone."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": {"localhost": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
+    play_file = tmp_path / "ca.yml"
+    play_file.write_text(CA_PLAY)
+    settings = {"specshard_become": False, "specshard_system_user": False,
+                "specshard_config_dir": str(tmp_path / "etc"), "ca_dir": str(tmp_path / "pki")}
+    crt = tmp_path / "pki" / "localhost.crt"
+
+    def issue(**more: object) -> dict[str, int]:
+        result = run([str(BIN / "ansible-playbook"), "-i", str(inventory), "-e",
+                      json.dumps({**settings, **more}), str(play_file)], timeout=300,
+                     tmp=tmp_path)
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        return recap(result.stdout)
+
+    issue()
+    first = crt.read_bytes()
+    assert issue()["changed"] == 0 and crt.read_bytes() == first  # valid: kept
+    # 825-day certificates, renewed when fewer than 900 days remain: now.
+    assert issue(ca_renew_days=900)["changed"] > 0 and crt.read_bytes() != first
+    installed = (tmp_path / "etc" / "tls" / "node.crt").read_bytes()
+    assert installed == crt.read_bytes()  # and the box got the new one

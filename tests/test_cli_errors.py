@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 import zipfile
@@ -114,3 +115,36 @@ def test_worker_gpu_that_is_not_there(tmp_path: Path):
     assert_one_line_error(result, "--gpu 99")
     assert "no NVIDIA GPU on this machine" in result.stderr or "no such GPU" in result.stderr
     assert not port_file.exists()  # it never listened
+
+
+def test_version_and_log_level_anywhere_on_the_line(tiny_chat_model: Path) -> None:
+    version = specshard("--version")
+    assert version.returncode == 0 and version.stdout.startswith("specshard ")
+    run = ["generate", "--model", str(tiny_chat_model), "--prompt", "hi", "--raw",
+           "--max-tokens", "2", "--json"]
+    quiet = specshard(*run)
+    assert quiet.returncode == 0, quiet.stderr
+    assert " DEBUG " not in quiet.stderr and " INFO " not in quiet.stderr
+    after = specshard(*run, "--log-level", "debug")  # after the subcommand's own options
+    assert after.returncode == 0, after.stderr
+    assert "cluster.llama.backend DEBUG" in after.stderr  # llama.cpp's own lines
+    before = specshard("-vv", *run)  # before the subcommand
+    assert before.returncode == 0 and "cluster.llama.backend DEBUG" in before.stderr
+    refused = specshard(*run, "--log-level", "loud")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr
+
+
+def test_llama_cpp_warnings_show_at_the_default_level(caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    from cluster.llama import backend
+
+    with caplog.at_level(logging.WARNING, logger="cluster.llama.backend"):
+        backend._llama_log(2, b"llama_model_loader: loaded meta data\n", 0)  # info
+        backend._llama_log(3, b"decode: failed to find a memory slot\n", 0)  # warn
+        backend._llama_log(5, b"for batch of size 512\n", 0)  # continues the warning
+        backend._llama_log(3, b"load: adding 8 dummy tokens\n", 0)  # a stage, by design
+        backend._llama_log(4, b"llama_decode: failed to decode, ret = -3\n", 0)  # error
+    assert [(r.levelname, r.message) for r in caplog.records] == [
+        ("WARNING", "decode: failed to find a memory slot"),
+        ("WARNING", "for batch of size 512"),
+        ("ERROR", "llama_decode: failed to decode, ret = -3")]

@@ -25,7 +25,8 @@ TWO_4070 = get_profile("2x4070")
 
 
 def test_baseline_of_2x4070_is_near_the_bandwidth_ceiling() -> None:
-    # ANCHORS.md: 17.9 GB per token at 504 GB/s per card → 28 tok/s from bandwidth alone;
+    # docs/architecture.md, "Numbers": 17.9 GB per token at 504 GB/s per card → 28 tok/s
+    # from bandwidth alone;
     # hops and compute take a little off; ≈25 at 16k context with a q8_0 cache.
     short, long = baseline(TWO_4070).tok_s, baseline(TWO_4070, context=16384).tok_s
     assert 24 < short < 28.2
@@ -33,7 +34,7 @@ def test_baseline_of_2x4070_is_near_the_bandwidth_ceiling() -> None:
 
 
 def test_speculation_on_2x4070_roughly_doubles_throughput() -> None:
-    # ANCHORS.md: α 0.7, γ 5 → about 2× (≈55 tok/s with a draft costing 8%).
+    # docs/architecture.md, "Numbers": α 0.7, γ 5 → about 2× (≈55 tok/s with a draft costing 8%).
     result = project(TWO_4070, conditional_to_cumulative([0.7] * 5), 5)
     assert result.expected_tokens == pytest.approx((1 - 0.7**6) / 0.3)
     assert 1.6 < result.speedup < 2.3

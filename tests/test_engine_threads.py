@@ -1,7 +1,6 @@
-"""Where the engine's step runs (docs/overhead.md): a verdict that finds the engine idle
-is handled on the ring's reader thread, which sends the next batch itself; the tokens
-are those of the queued path (an in-process ring answers inside `submit`, while the
-step is held, so every one of its verdicts goes through the engine's inbox)."""
+"""Where the engine's step runs: one thread owns every sequence (docs/architecture.md).
+The ring's reader threads only hand verdicts over; the owner check the suite turns on
+(SPECSHARD_OWNER_CHECK=1) makes a write from any other thread fail at once."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import pytest
 from bench.overhead import SEGMENTS, trace_segments
 from cluster import trace
 from cluster.stage_cut import split_at
+from coordinator.engine import ownership
 from coordinator.engine.request import Finished, GenerationRequest, TextChunk
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
@@ -66,19 +66,39 @@ def decode(built: BuiltRing, model: Path) -> tuple[list[int], Counter[str]]:
         engine.close()
 
 
-def test_an_idle_engine_steps_on_the_ring_reader_thread(grpc_ring: BuiltRing,
-                                                        tiny_chat_model: Path) -> None:
+def test_every_step_runs_on_the_engine_thread(grpc_ring: BuiltRing,
+                                              tiny_chat_model: Path) -> None:
     tokens, threads = decode(grpc_ring, tiny_chat_model)
     local = build_ring(tiny_chat_model, ctx=512, threads=1, split=split_at(4, [2]))
     try:
-        queued, local_threads = decode(local, tiny_chat_model)
+        in_process, local_threads = decode(local, tiny_chat_model)
     finally:
         local.close()
-    assert len(tokens) == N_TOKENS and tokens == queued
-    assert set(local_threads) == {"engine-core"}  # the queued path, for reference
-    # One sequence: the engine waits for every verdict, so all but a few (the prompt's,
-    # any that met a message in the inbox) are handled where they were read.
-    assert threads["ring-reader"] >= 0.8 * sum(threads.values()), threads
+    assert len(tokens) == N_TOKENS and tokens == in_process
+    # Verdicts are read on the ring's threads and applied on the engine's only.
+    assert set(threads) == {"engine-core"} and set(local_threads) == {"engine-core"}
+
+
+def test_a_sequence_written_from_another_thread_fails_the_owner_check(
+        tiny_chat_model: Path) -> None:
+    assert ownership.CHECKED  # tests/conftest.py turns the check on
+    tokenizer = Tokenizer(tiny_chat_model)
+    built = build_ring(tiny_chat_model, ctx=512, threads=1, split=split_at(4, [2]))
+    engine = start_engine(built, tokenizer, "test", costs=FREE_DRAFT)
+    events: queue.Queue[object] = queue.Queue()
+    try:
+        seq = engine.submit(GenerationRequest(tokenizer.encode("hello"), 400,
+                                              ignore_eos=True), events.put)
+        assert isinstance(events.get(timeout=WAIT), TextChunk)  # admitted and decoding
+        with pytest.raises(ownership.OwnerViolation, match="n_sent"):
+            seq.n_sent = 0
+        engine.cancel(seq)
+        while not isinstance(event := events.get(timeout=WAIT), Finished):
+            assert isinstance(event, TextChunk), event
+        assert event.finish_reason == "abort"
+    finally:
+        engine.close()
+        built.close()
 
 
 def test_a_traced_ring_times_every_part_of_a_step(tiny_chat_model: Path, tmp_path: Path

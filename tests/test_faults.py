@@ -29,7 +29,8 @@ from cluster.wire import worker_pb2_grpc as pb_grpc
 from coordinator.placement.local import LocalWorkers
 from coordinator.placement.plan import plan_ring
 from coordinator.ring import grpc_ring
-from coordinator.ring.grpc_ring import GrpcRing, RingEvent, RingLost, WorkerLost
+from coordinator.ring.contract import RingEvent, RingLost, WorkerLost
+from coordinator.ring.grpc_ring import GrpcRing
 from coordinator.ring.supervisor import RingSupervisor, StaticWorkers
 from coordinator.settings import ServeSettings
 from tests.qwq_fixture import QWEN3_0_6B_Q8_0, QWQ_32B_Q4_K_H, write_shape_only
@@ -178,15 +179,32 @@ def test_a_results_stream_that_ends_loses_the_ring_at_once():
 # --- 4: /v1/cluster does not wait on the network ----------------------------------------
 
 def test_describing_the_ring_asks_nobody(tiny_model: Path):
-    """Health comes from the watcher's last check: a worker that hangs cannot block the
-    API's event loop (before: a 2 s health check per worker, on the loop)."""
-    blackhole = StaticWorkers(["10.255.255.1:9", "10.255.255.1:10"], None, None)
-    supervisor = RingSupervisor(blackhole, tiny_model, str(tiny_model), 256, 1, 1)
-    t0 = time.monotonic()
-    info = supervisor.describe()
-    assert time.monotonic() - t0 < 0.2
-    assert [n["address"] for n in info["nodes"]] == blackhole.addresses  # type: ignore[index]
-    supervisor.close()
+    """Health comes from the watcher's last check: a worker that hangs (SIGSTOP) cannot
+    block the API's event loop (before: a 2 s health check per worker, on the loop)."""
+    with LocalWorkers(2) as workers:
+        supervisor = RingSupervisor(StaticWorkers(workers.addresses, workers.token, None),
+                                    tiny_model, str(tiny_model), 256, 1, 1,
+                                    specs=[LoadSpec(str(tiny_model), s.begin, s.end,
+                                                    n_ctx=256, n_threads=1)
+                                           for s in split_at(4, [2])],
+                                    health_timeout_s=1.0)
+        hung = workers.pids()[1]
+        assert hung is not None
+        try:
+            supervisor.start()
+            supervisor.watch(every_s=0.2)
+            os.kill(hung, signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while supervisor.health != [True, False]:
+                t0 = time.monotonic()
+                info = supervisor.describe()
+                assert time.monotonic() - t0 < 0.2  # while a check waits on the hung one
+                assert time.monotonic() < deadline, info
+                time.sleep(0.1)
+            assert [n["healthy"] for n in supervisor.describe()["nodes"]] == [True, False]  # type: ignore[index]
+        finally:
+            os.kill(hung, signal.SIGCONT)
+            supervisor.close()
 
 
 # --- 6: a failed start leaves nothing running --------------------------------------------

@@ -31,7 +31,7 @@ from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
-from coordinator.ring.grpc_ring import BatchDone, BatchFailed, RingEvent
+from coordinator.ring.contract import BatchDone, BatchFailed, RingEvent
 from coordinator.ring.supervisor import StaticWorkers
 from tests.fuzz_grpc_cases import (
     CUT,
@@ -202,7 +202,7 @@ def test_a_malformed_forward_is_refused_and_changes_nothing(case: Fwd, fuzz: Fuz
     assert case.words in replies[0].error.message, replies[0].error.message
     if case.published:  # the coordinator is told too, through the Results stream
         refused = fuzz.events.wait_refused(replies[0].batch_id, 1)
-        assert refused[0].code == INVALID
+        assert refused[0].code == INVALID.name
     assert_unharmed(fuzz)
 
 

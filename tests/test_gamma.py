@@ -29,16 +29,17 @@ def run(policy: GammaPolicy, alphas: list[float], steps: int, seed: int = 0,
     return chosen
 
 
-# A GPU: a verify pass of a few more tokens costs little (ARCHITECTURE.md, "On a GPU").
+# A GPU: a verify pass of a few more tokens costs little (docs/architecture.md, "On a GPU").
 GPU = DraftCosts(draft=0.0005, verify_a=0.035, verify_b=0.0005)
-# This CPU: verify grows like the batch (ANCHORS.md: 53 ms for 1 token, 208 for 6).
+# This CPU: verify grows like the batch (docs/architecture.md, "Numbers": 53 ms for 1
+# token, 208 for 6).
 CPU = DraftCosts(draft=0.018, verify_a=0.053, verify_b=0.031)
 
 
 def test_expected_tokens_matches_the_geometric_closed_form() -> None:
     alpha = 0.7
     for gamma in (0, 1, 5, 12):
-        closed = (1 - alpha ** (gamma + 1)) / (1 - alpha)  # ARCHITECTURE.md
+        closed = (1 - alpha ** (gamma + 1)) / (1 - alpha)  # docs/architecture.md
         assert expected_tokens([alpha] * 16, gamma) == pytest.approx(closed)
 
 
@@ -57,7 +58,8 @@ def test_best_gamma_is_the_brute_force_argmax() -> None:
 
 def test_cheap_verification_and_high_acceptance_want_long_drafts() -> None:
     assert best_gamma([0.95] * 16, 0.0005, 0.035, 0.0005, 1, 16) >= 10
-    # A CPU: verify grows like the batch (ANCHORS.md: 53 ms for 1 token, 208 for 6).
+    # A CPU: verify grows like the batch (docs/architecture.md, "Numbers": 53 ms for 1
+    # token, 208 for 6).
     assert best_gamma([0.7] * 16, 0.018, 0.022, 0.031, 1, 16) == 1
     assert best_gamma([0.7] * 16, 0.018, 0.022, 0.031, 0, 16) == 0
 

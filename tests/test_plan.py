@@ -171,11 +171,28 @@ def test_workers_that_see_one_gpu_share_it() -> None:
     assert [n.capacity_bytes for n in found] == [int(5.75 * GIB)] * 2 + [int(11.5 * GIB)]
 
 
+def test_a_context_past_training_warns_unless_rope_scales_it(
+        capsys: pytest.CaptureFixture[str], qwq: Path) -> None:
+    """As llama.cpp: past the trained context it runs, but says the output degrades;
+    YaRN covering the context silences it, and the plan names the RoPE values."""
+    nodes = ["--node", "a=40G", "--node", "b=40G", "--ctx", "65536"]
+    code, out, err = run(capsys, "--model", str(qwq), *nodes)
+    assert code == 0
+    assert err.startswith("specshard: warning: --ctx 65536 exceeds the model's trained "
+                          "context of 40960 tokens and RoPE is not scaled")
+    code, out, err = run(capsys, "--model", str(qwq), *nodes, "--rope-scaling", "yarn",
+                         "--rope-scale", "4", "--yarn-orig-ctx", "32768")
+    assert code == 0 and err == ""
+    assert "rope yarn ×4, base 1e+06, original context 32768" in out
+    code, out, err = run(capsys, "--model", str(qwq), *nodes, "--rope-scaling", "yarn",
+                         "--rope-scale", "1.5", "--yarn-orig-ctx", "32768")
+    assert "exceeds the 49152 tokens this RoPE scaling covers" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--node", "a=0GiB"], "memory must be positive"),
     (["--node", "a=-2G"], "memory must be positive"),
     (["--node", "a=12G", "--ctx", "0"], "at least 1 token"),
-    (["--node", "a=12G", "--ctx", "50000"], "beyond the 40960 tokens"),
     (["--node", "a=12G", "--node", "b=12G", "--layers", "zz=0:10"], "not among the nodes"),
     (["--node", "a=12G", "--node", "b=12G", "--layers", "a=10:20"], "follow the node order"),
     (["--node", "a=12G", "--layers", "a=0:99"], "out of bounds"),

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from cluster.judge import top2_gap
+from cluster.judge import judge, top2_gap
+from cluster.messages import Slice
 from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
 from cluster.verify import Verdict, verify
 
@@ -140,33 +141,40 @@ def test_a_draft_sharing_the_verifiers_random_stream_is_biased() -> None:
     assert chi2_pvalue(shared_seed_first_tokens(spawn=True), target_probs) > MIN_P
 
 
+def greedy(rows: np.ndarray, guesses: list[int], dists: list[SparseDist] | None = None
+           ) -> tuple[list[int], int]:
+    """The production greedy verdict (`judge`) on a slice with these guesses."""
+    piece = Slice(0, 0, [7, *guesses], n_draft=len(guesses), draft_dists=dists or [])
+    result = judge(piece, rows)
+    return result.accepted, result.next_token
+
+
 def test_greedy_accepts_while_guesses_are_the_argmax() -> None:
     rows = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
-    verdict = verify(rows, [1, 0], [], SamplingParams(), np.random.default_rng(0))
-    assert verdict == Verdict([1, 0], 2)  # both kept, bonus from the last row
+    assert greedy(rows, [1, 0]) == ([1, 0], 2)  # both kept, bonus from the last row
 
 
 def test_greedy_stops_at_the_first_miss_with_the_targets_choice() -> None:
     rows = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
-    verdict = verify(rows, [1, 2], [], SamplingParams(), np.random.default_rng(0))
-    assert verdict == Verdict([1], 0)
-    verdict = verify(rows, [2, 0], [], SamplingParams(), np.random.default_rng(0))
-    assert verdict == Verdict([], 1)
+    assert greedy(rows, [1, 2]) == ([1], 0)
+    assert greedy(rows, [2, 0]) == ([], 1)
 
 
 def test_greedy_ignores_draft_distributions() -> None:
     rows = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
-    dists = [SparseDist.point(2)]  # wrong on purpose: greedy never reads them
-    verdict = verify(rows, [1], dists, SamplingParams(), np.random.default_rng(0))
-    assert verdict == Verdict([1], 0)
+    wrong = [SparseDist.point(2)]  # wrong on purpose: greedy never reads them
+    assert greedy(rows, [1], wrong) == ([1], 0)
 
 
-def test_verify_refuses_mismatched_rows() -> None:
-    with pytest.raises(ValueError):
-        verify(np.zeros((2, 3)), [1, 2], [], SamplingParams(), np.random.default_rng(0))
+def test_verify_refuses_mismatched_rows_and_greedy() -> None:
     with pytest.raises(ValueError):
         verify(np.zeros((2, 3)), [1], [], SamplingParams(temperature=1.0),
                np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        verify(np.zeros((3, 3)), [1], [SparseDist.point(1)], SamplingParams(temperature=1.0),
+               np.random.default_rng(0))
+    with pytest.raises(ValueError, match="greedy"):
+        verify(np.zeros((2, 3)), [1], [], SamplingParams(), np.random.default_rng(0))
 
 
 def test_a_point_mass_guess_is_kept_with_the_targets_probability() -> None:

@@ -14,7 +14,7 @@ GPU = (0.017, 0.0002)  # a call reads the weights, a row costs almost nothing
 
 def seq(slot: int, prompt: int, generated: int = 0, arrived: float = 0.0) -> Sequence:
     s = Sequence(GenerationRequest(list(range(1, prompt + 1)), 64), lambda _e: None,
-                 None)  # type: ignore[arg-type]  # the text stream is not used here
+                 None)  # type: ignore[arg-type]  # the output is not used here
     s.slot, s.arrived = slot, arrived
     if generated:  # decoding: all but the last decided token are in the caches
         s.tokens += [7] * generated
@@ -92,3 +92,19 @@ def test_a_sequence_waiting_for_its_verdict_is_not_scheduled():
     s = seq(0, 10, generated=2)
     s.judging = True
     assert schedule([s], SchedulerConfig(), no_draft) == []
+
+
+def test_prompts_arriving_beside_few_streams_fill_the_batch_they_will_make():
+    """The stall bound is the batch the stream will make with the short prompts arriving
+    beside it (8 over 2 micro-batches: 4 decode rows): they get the rest, where a bound
+    by the stream's own 1-row batch left them one row; a long prompt beside the stream
+    (many chunks from its first token) still gets one."""
+    stream = seq(0, 10, generated=3)
+    prompts = [seq(i, 100, arrived=float(i)) for i in range(1, 8)]
+    config = SchedulerConfig(micro_batches=2, row_cost=CPU)
+    plan = schedule([stream, *prompts], config, no_draft)
+    assert shapes(plan)[0] == (0, 1, 0)
+    assert sum(p.rows for p in plan[1:]) == 7  # 2 × (a + 4b) − (a + b) − a = 7b here
+    assert config.cost([p.rows for p in plan]) <= 2 * config.cost([1] * 4) + 1e-9
+    lone = schedule([stream, seq(1, 2048)], config, no_draft)
+    assert shapes(lone) == [(0, 1, 0), (1, 1, 0)]

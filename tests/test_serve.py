@@ -15,7 +15,10 @@ import httpx
 import openai
 import pytest
 
+from cluster.errors import ClusterError
+from cluster.sampling import SamplingParams
 from coordinator.api.app import ServerState, create_app
+from coordinator.api.errors import api_error_of
 from coordinator.api.server import ServerThread
 from coordinator.engine.request import GenerationRequest
 from coordinator.service import RunningCluster, start_cluster
@@ -76,14 +79,21 @@ def test_metrics_show_stages_hops_and_caches(served):
     """What /metrics declares is set (a review found per-stage, per-hop and KV metrics
     declared and never observed)."""
     url, cluster = served
-    chat(url, "Say hi.", 4)
+    stream = client(url).completions.create(model="", prompt="def fib(n):", max_tokens=24,
+                                           temperature=0, stream=True)
+    # Mid-stream, the caches hold the prompt and what was decided so far: growing. (The
+    # last text may come with the end, which empties them.)
+    held = [metric(url, "specshard_kv_tokens") for chunk in stream
+            if chunk.choices and chunk.choices[0].text][:-1]
+    assert len(held) > 4 and all(0 < h <= 64 for h in held), held
+    assert held == sorted(held) and held[-1] > held[0], held
+    assert metric(url, "specshard_kv_tokens") == 0  # nothing running: nothing counted
     text = httpx.get(url + "/metrics", timeout=30).text
     for address in cluster.built.workers.addresses:
         assert f'specshard_stage_ms_count{{worker="{address}"}}' in text
     assert metric(url, "specshard_hop_ms_count") > 0
     assert metric(url, "specshard_batch_rows_count") > 0
     assert metric(url, "specshard_time_to_first_token_seconds_count") > 0
-    assert metric(url, "specshard_kv_tokens") >= 0
     assert metric(url, "specshard_sequence_slots_free") == PARALLEL
 
 
@@ -175,3 +185,31 @@ def test_batched_sequences_give_their_solo_answers_but_at_near_ties(served, reco
         assert want.top2_gaps[at] < NEAR_TIE, margins[-1]
     record_property("near_ties", margins)
     print(f"{len(margins)} of 16 left their solo answer, each at a near tie: {margins}")
+
+
+def test_a_request_whose_sampling_breaks_fails_alone(served):
+    """A temperature so small that the last worker's softmax overflows (the API treats
+    such values as greedy; the engine is asked directly here): that request fails alone,
+    as the cluster's failure (500), and a greedy request decoded beside it gives its
+    usual answer (but at a near tie: it shared batches with the other)."""
+    _, cluster = served
+    engine = cluster.engine
+    prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt(
+        [{"role": "user", "content": "Name three colours."}]))
+    greedy = GenerationRequest(prompt, 16, with_gaps=True)
+    alone = engine.generate(greedy)
+    broken = GenerationRequest(prompt, 16, SamplingParams(temperature=5e-324))
+    with ThreadPoolExecutor(2) as pool:
+        failing = pool.submit(engine.generate, broken)
+        beside = pool.submit(engine.generate, greedy)
+        with pytest.raises(ClusterError, match="could not judge") as caught:
+            failing.result(timeout=300)
+        got = beside.result(timeout=300)
+    assert api_error_of(caught.value).status == 500
+    at = next((k for k, (a, b) in enumerate(zip(alone.tokens, got.tokens, strict=False))
+               if a != b), None)
+    if at is None:
+        assert got.tokens == alone.tokens
+    else:
+        assert alone.top2_gaps[at] < NEAR_TIE, (at, alone.top2_gaps[at])
+    assert metric(served[0], 'specshard_engine_failures_total{cause="cluster"}') >= 1

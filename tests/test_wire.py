@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cluster.errors import InvalidForward
-from cluster.messages import Activations, Batch, BatchResult, SeqResult, Slice
+from cluster.messages import Activations, Batch, BatchResult, LoadSpec, SeqResult, Slice
+from cluster.rope import RopeParams
 from cluster.sampling import SamplingParams, SparseDist
 from cluster.wire import worker_pb2 as pb
 from cluster.wire_convert import (
@@ -18,6 +19,8 @@ from cluster.wire_convert import (
     MESSAGE_LIMIT,
     BatchAssembler,
     batch_to_wire,
+    load_from_wire,
+    load_to_wire,
     max_logit_rows,
     result_from_wire,
     result_to_wire,
@@ -131,3 +134,24 @@ def test_a_chunk_without_its_head_is_refused():
     messages = batch_to_wire(Activations(batch(698), np.zeros((700, 1536), np.float32)))
     with pytest.raises(InvalidForward, match="first chunk"):
         BatchAssembler().add(messages[1])
+
+
+def test_every_sampling_setting_and_the_rope_values_cross_the_wire():
+    sampling = SamplingParams(temperature=0.6, top_k=20, top_p=0.95, min_p=0.05,
+                              presence_penalty=1.5, frequency_penalty=-0.5,
+                              repeat_penalty=1.1, repeat_last_n=-1, penalty_from=7,
+                              logit_bias=((3, -100.0), (8, 2.5)), logprobs=0)
+    assert reassemble(batch_to_wire(Activations(batch(2, sampling=sampling)))).batch \
+        .slices[0].sampling == sampling
+    plain = reassemble(batch_to_wire(Activations(batch(2)))).batch.slices[0].sampling
+    assert plain == SamplingParams() and plain.logprobs is None and not plain.transforms
+    rope = RopeParams(scaling="yarn", freq_base=1e6, freq_scale=0.25, yarn_orig_ctx=32768,
+                      yarn_ext_factor=1.0, yarn_attn_factor=1.0, yarn_beta_fast=32.0,
+                      yarn_beta_slow=1.0)
+    spec = LoadSpec("demo", 0, 14, rope=rope)
+    assert load_from_wire(load_to_wire(spec)) == spec
+    assert load_from_wire(load_to_wire(LoadSpec("demo", 0, 14))).rope is None
+    bad = load_to_wire(spec)
+    bad.rope.scaling = "ntk"
+    with pytest.raises(InvalidForward, match="rope scaling is one of"):
+        load_from_wire(bad)

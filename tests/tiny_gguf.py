@@ -11,10 +11,14 @@ N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_VOCAB = 64, 4, 2, 128, 96
 
 
 def write_tiny_model(path: Path, arch: str = "qwen2", n_layer: int = 4, tied: bool = False,
-                     seed: int = 0, vocab_from: Path | None = None, n_ctx: int = 256) -> Path:
+                     seed: int = 0, vocab_from: Path | None = None, n_ctx: int = 256,
+                     rope_scaling: tuple[str, float, int] | None = None,
+                     extra: dict[str, object] | None = None) -> Path:
     """A qwen2/qwen3/llama-shaped model with random weights: f32 with no real tokenizer,
     or, `vocab_from` a GGUF, that model's tokenizer and chat template (its 152k-row
-    embedding and head in f16): a chat model that decodes in a millisecond a token."""
+    embedding and head in f16): a chat model that decodes in a millisecond a token.
+    `rope_scaling`: (type, factor, original context) as rope metadata; `extra`: more
+    metadata keys (floats as f32, ints as u32, strings), e.g. general.sampling.*."""
     rng = np.random.default_rng(seed)
     head_dim = N_EMBD // N_HEAD
 
@@ -30,6 +34,18 @@ def write_tiny_model(path: Path, arch: str = "qwen2", n_layer: int = 4, tied: bo
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_rope_freq_base(10000.0)
+    if rope_scaling is not None:
+        kind, factor, original = rope_scaling
+        writer.add_string(f"{arch}.rope.scaling.type", kind)
+        writer.add_float32(f"{arch}.rope.scaling.factor", factor)
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", original)
+    for key, value in (extra or {}).items():
+        if isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, int):
+            writer.add_int32(key, value)
+        else:
+            writer.add_string(key, str(value))
     writer.add_layer_norm_rms_eps(1e-6)
     n_vocab, big = N_VOCAB, np.float32
     if vocab_from is None:

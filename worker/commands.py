@@ -37,10 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def die_with_parent(parent: int) -> None:
     """SIGTERM this worker when the process that started it dies, so no local worker
-    outlives a killed run. Set here, not in a `preexec_fn`: that makes Python fork
-    instead of vfork, and a forked copy of a process using gRPC can crash before its
-    exec (gRPC restarts its poller in the child, on an epoll fd Popen just closed:
-    grpc/grpc#43157)."""
+    outlives a killed run. (Linux sends it when the *thread* that started the worker
+    ends: start workers from threads that live as long as they should.) Set here, not
+    in a `preexec_fn`: that makes Python fork instead of vfork, and a forked copy of a
+    process using gRPC can crash before its exec (gRPC restarts its poller in the child,
+    on an epoll fd Popen just closed: grpc/grpc#43157)."""
     PR_SET_PDEATHSIG = 1  # linux/prctl.h
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the line above

@@ -18,10 +18,11 @@ import llama_cpp
 from cluster import trace
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
-from cluster.judge import judge
+from cluster.judge import judge_all
 from cluster.llama.stage import Stage, StageConfig
 from cluster.messages import Activations, BatchResult, LoadSpec
 from cluster.model_info import KvType, model_info
+from cluster.rope import RopeParams, resolve_rope
 from cluster.stage_cut import StageSpec, cut_stage
 from cluster.wire import worker_pb2 as pb
 from cluster.wire_convert import batch_to_wire, max_logit_rows, result_to_wire
@@ -47,10 +48,14 @@ def _kv(name: str) -> KvType:
 
 
 def _config(model: Path, spec: LoadSpec, stage_path: Path) -> StageConfig:
+    # Every RoPE value explicit: the coordinator's, or the whole model's own (its header),
+    # so that what the stage reports is what it computes with.
+    rope = spec.rope or resolve_rope(read_header(model))
     return StageConfig(
         stage_path=stage_path, model_path=model if spec.begin == 0 else None,
         n_ctx=spec.n_ctx, n_seq_max=spec.n_seq_max, type_k=_kv(spec.type_k),
-        type_v=_kv(spec.type_v), flash_attn=spec.flash_attn, n_threads=spec.n_threads or 1)
+        type_v=_kv(spec.type_v), flash_attn=spec.flash_attn, n_threads=spec.n_threads or 1,
+        rope=rope)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,11 @@ class StageRunner:
         return cls(Stage(_config(model, spec, path)), spec.wire_f16)
 
     @property
+    def rope(self) -> RopeParams | None:
+        """The RoPE values the stage computes with (GetNodeInfo reports them)."""
+        return self.stage.config.rope
+
+    @property
     def capture(self) -> str:
         return self.stage.capture.kind if self.stage.capture is not None else ""
 
@@ -108,8 +118,7 @@ class StageRunner:
             return Outcome(batch_to_wire(Activations(batch, out, times), f16=self.wire_f16),
                            None, stage_ms)
         assert isinstance(out, list)
-        verdicts = [judge(s, logits) for s, logits in zip(batch.slices, out, strict=True)
-                    if s.judge and s.tokens]
+        verdicts = judge_all(batch.slices, out, stage.tokens)
         trace.mark("judged", batch.batch_id)
         return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts, acts.times),
                                           stage_ms), stage_ms)
@@ -119,7 +128,7 @@ class StageRunner:
         for seq in targets:  # every one known before any is cut: a refusal changes nothing
             self.stage.length(seq)
         for seq in targets:
-            self.stage.truncate(seq, min(length, self.stage.length(seq)))
+            self.stage.truncate(seq, min(length, self.stage.length(seq)))  # tokens too
         return [self.stage.length(seq) for seq in targets]
 
     def close(self) -> None:

@@ -9,8 +9,8 @@ stream. The last worker verifies and publishes results to its Results subscriber
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,13 +46,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 T = TypeVar("T")
-# Batches up to this many rows (decode steps, drafts included) are computed on the event
-# loop: the executor's two thread hand-offs cost ~0.1 ms each on this VM (seen in
-# timestamped traces while tuning bench/overhead.py's "hops"), and
-# such a batch blocks the loop for about a GPU's ~17 ms stage token — on this 2-core CPU
-# 0.5 s at worst, well inside the coordinator's 3 s health checks. Prompt chunks (and
-# everything while the compute thread is busy) go to the compute thread.
-INLINE_ROWS = 16
 # A peer that vanished without closing its connection (a box powered off) is found by
 # an unanswered ping and its calls end: a Results subscriber that stops reading would
 # otherwise hold the last stage's writes once gRPC's flow-control window fills.
@@ -71,7 +64,6 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.name = options.name
         self._health = health_servicer
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="stage")
-        self._stage_lock = threading.Lock()
         self._runner: StageRunner | None = None
         self._spec: LoadSpec | None = None
         self._downstream: Downstream | None = None
@@ -87,14 +79,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         host = await asyncio.to_thread(host_info)
         runner = self._runner
         n_layer = runner.stage.model_n_layer if runner else 0
-        return node_to_wire(NodeInfo(host, versions(), self._spec, n_layer,
+        # The RoPE values the stage computes with, not the ones it was asked for.
+        stage = dataclasses.replace(self._spec, rope=runner.rope) if runner and self._spec \
+            else self._spec
+        return node_to_wire(NodeInfo(host, versions(), stage, n_layer,
                                      runner.capture if runner else ""))
 
     async def LoadStage(self, request: pb.LoadStageRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[pb.LoadProgress]:
-        spec = load_from_wire(request)
         async with self._load_lock:
-            try:
+            try:  # a spec that does not convert (bad rope values) is refused the same way
+                spec = load_from_wire(request)
                 async for update in self._load(spec):
                     yield progress_to_wire(update)
             except SpecshardError as exc:
@@ -140,9 +135,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         old = self._spec
         assert old is not None
         return (old.model_path, old.begin, old.end, old.n_ctx, old.n_seq_max, old.type_k,
-                old.type_v, old.flash_attn, old.n_threads) == \
+                old.type_v, old.flash_attn, old.n_threads, old.rope) == \
             (spec.model_path, spec.begin, spec.end, spec.n_ctx, spec.n_seq_max, spec.type_k,
-             spec.type_v, spec.flash_attn, spec.n_threads)
+             spec.type_v, spec.flash_attn, spec.n_threads, spec.rope)
 
     async def Truncate(self, request: pb.TruncateRequest, context: grpc.aio.ServicerContext
                        ) -> pb.TruncateReply:
@@ -192,14 +187,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         runner = self._runner
         if runner is None:
             raise InvalidForward("no stage loaded")
-        t0 = time.perf_counter()
-        if acts.batch.n_rows <= INLINE_ROWS and self._stage_lock.acquire(blocking=False):
-            try:  # a decode step: computed here, without two thread hand-offs
-                outcome = runner.run(acts, t0)
-            finally:
-                self._stage_lock.release()
-        else:
-            outcome = await self._in_stage(runner.run, acts, t0)
+        # On the compute thread, never on this loop: health checks answer from here
+        # while a slow batch computes (a big model on a CPU box takes seconds).
+        outcome = await self._in_stage(runner.run, acts, time.perf_counter())
         if outcome.reply is not None:  # the last stage's verdicts
             await self._publish(outcome.reply)
             return
@@ -208,12 +198,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         await self._downstream.send(acts.batch.batch_id, outcome.downstream)
 
     async def _in_stage(self, work: Callable[..., T], *args: object) -> T:
-        """`work` on the compute thread, holding the stage: llama.cpp contexts are not
-        thread-safe, and small batches may run on the event loop (`_process`)."""
-        def locked() -> T:
-            with self._stage_lock:
-                return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._compute, locked)
+        """`work` on the single compute thread: llama.cpp contexts are not thread-safe."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, work, *args)
 
     async def _publish(self, reply: pb.ForwardReply) -> None:
         """To every Results subscriber, written by the task that has the reply (no

@@ -15,10 +15,26 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
+# ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 "continues the last line".
+# Its info lines (a few hundred at every load) go to DEBUG; warnings and errors are
+# shown at the default level — among them its reason when a decode fails.
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+# Warnings that are not news for the person reading the log: every stage file causes
+# the first by design (it carries no vocabulary, so llama.cpp makes dummy tokens:
+# docs/architecture.md, "Stages"); the second is llama.cpp fixing a token type in the
+# demo models' vocabulary by itself, at every load.
+_EXPECTED = ("load: adding ", "load: control-looking token")
+
+
 def _llama_log(level: int, text: bytes, _user: int) -> None:
-    # llama.cpp is chatty at load; its lines go to logging at DEBUG (WARN/ERROR kept).
-    log.log({4: logging.ERROR, 3: logging.INFO}.get(level, logging.DEBUG), "%s",
-            text.decode(errors="replace").rstrip())
+    mapped = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = mapped
+    line = text.decode(errors="replace").rstrip()
+    if mapped == logging.WARNING and line.startswith(_EXPECTED):
+        mapped = logging.DEBUG
+    if line:
+        log.log(mapped, "%s", line)
 
 
 _log_callback = llama_cpp.llama_log_callback(_llama_log)

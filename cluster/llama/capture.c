@@ -1,7 +1,7 @@
 /* specshard: a stage's eval callback in C (cluster/llama/capture.py loads it).
  *
  * llama.cpp's scheduler asks the eval callback about every graph node of a decode
- * (549 asks on the demo target's 14-layer first stage; ARCHITECTURE.md, the stage
+ * (549 asks on the demo target's 14-layer first stage; docs/architecture.md, "Stages"
  * technique, point 9). In C an ask is a strcmp, and llama_decode keeps running
  * without the GIL. ggml's functions come in as pointers, so this file needs neither
  * ggml's headers nor linking against llama.cpp.

@@ -1,7 +1,7 @@
 """Reading a non-last stage's output: the residual stream after its last layer.
 
 llama.cpp's scheduler asks the eval callback about every graph node before computing,
-then hands over the node that was asked for (ARCHITECTURE.md, "the stage technique",
+then hands over the node that was asked for (docs/architecture.md, "Stages",
 points 4 and 9). The callback matches `l_out-{n_layer-1}`, copies its rows into a buffer
 this object owns, and stops the split (the final norm and the dummy head are skipped).
 Rows accumulate across the ubatches of one `llama_decode` until `reset`.

@@ -5,7 +5,7 @@ source, the compiler command, its flags and its `--version`, so a new source or 
 compiler builds anew and an unchanged one costs a `--version` call per process. It is
 compiled with `$CC` (default `cc`) under a file lock into a temporary file renamed into
 place: two processes starting together build it once and never load half a file.
-No Python headers and no llama.cpp headers are needed (ARCHITECTURE.md, the stage
+No Python headers and no llama.cpp headers are needed (docs/architecture.md, "Stages"
 technique, point 9). `make` builds it ahead with `python -m cluster.llama.capture_build`;
 otherwise the first stage that needs it does.
 """

@@ -1,20 +1,17 @@
 """A pipeline stage: a range of layers run by llama.cpp on embeddings in, hidden
-states (or logits, on the last stage) out. See ARCHITECTURE.md, "the stage technique".
+states (or logits, on the last stage) out. See docs/architecture.md, "Stages".
 
-A batch holds the rows of several sequences. With one KV stream per sequence
-(`kv_unified=false`) llama.cpp splits a batch into ubatches of *equal* rows per sequence
-over runs of *consecutive* sequence ids (llama-batch.cpp, `split_equal(…, sequential)`),
-so its ubatch order is not the batch's row order when slices differ in length. The
-stage therefore makes each `llama_decode` call one that llama.cpp keeps in row order:
-pieces of equal length, sorted by sequence, at most n_batch rows — the same number of
-graph computations llama.cpp would make itself — and puts the outputs back in place.
+A batch holds the rows of several sequences, computed in the llama_decode calls
+`cluster.llama.context.decode_calls` lays out (why: that module's docstring); the outputs
+are put back in the batch's row order. The last stage also keeps each sequence's tokens
+(what its slices carried, cut at each slice's start): the penalties of the verdict are
+computed from them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +20,13 @@ import numpy as np
 
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
-from cluster.llama.backend import free, init_backend, logits_rows
+from cluster.llama.backend import free, logits_rows
 from cluster.llama.capture import Capture, make_capture
+from cluster.llama.context import ContextConfig, decode_calls, open_context
 from cluster.llama.ggml import row_to_float
 from cluster.messages import Slice
 from cluster.model_info import KvType, TokenEmbedding
+from cluster.rope import RopeParams
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,7 @@ class StageConfig:
     type_v: KvType = KvType.F16
     flash_attn: bool = False
     n_threads: int = 2
+    rope: RopeParams | None = None  # None: the model's own values
 
     def __post_init__(self) -> None:
         if self.type_v is not KvType.F16 and not self.flash_attn:
@@ -75,52 +75,41 @@ class Stage:
         self._load()
 
     def _load(self) -> None:
-        init_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 999  # a stage offloads all its layers and its head
-        self._model = llama_cpp.llama_model_load_from_file(
-            str(self.config.stage_path).encode(), mparams)
-        if not self._model:
-            raise SpecshardError(f"llama.cpp could not load {self.config.stage_path}")
-        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         c = self.config
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = c.n_ctx * c.n_seq_max
-        cparams.n_batch = cparams.n_ubatch = c.n_batch
-        cparams.n_seq_max = c.n_seq_max
-        # One KV stream per sequence: a sequence's attention then sees exactly the cells
-        # it would see alone, whatever else the stage holds (a request decoded alone is
-        # reproducible; see the module docstring for what it costs in ubatches).
-        cparams.kv_unified = False
-        cparams.n_threads = cparams.n_threads_batch = c.n_threads
-        cparams.type_k = c.type_k.ggml_type
-        cparams.type_v = c.type_v.ggml_type
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if c.flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cparams.no_perf = True
-        if not self.is_last:
-            self.capture = make_capture(f"l_out-{self.n_layer - 1}".encode(), self.n_embd,
-                                        c.n_batch)
-            self.capture.install(cparams)
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise SpecshardError("llama.cpp could not create a context for the stage")
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
+
+        def install_capture(model: object, cparams: object) -> None:
+            if not self.is_last:  # the last layer's output, read by the eval callback
+                self.capture = make_capture(f"l_out-{self.n_layer - 1}".encode(),
+                                            llama_cpp.llama_model_n_embd(model), c.n_batch)
+                self.capture.install(cparams)
+
+        lc = open_context(c.stage_path, ContextConfig(
+            n_ctx=c.n_ctx, n_seq_max=c.n_seq_max, n_batch=c.n_batch, n_threads=c.n_threads,
+            rope=c.rope, type_k=c.type_k.ggml_type, type_v=c.type_v.ggml_type,
+            flash_attn=c.flash_attn), "the stage", install_capture)
+        self._model, self._ctx, self._mem = lc.model, lc.ctx, lc.mem
+        self.n_embd, self.n_vocab = lc.n_embd, lc.n_vocab
         # llama.cpp pads the context (to 256); the limit is what was asked for.
-        self.n_ctx_seq = min(c.n_ctx, llama_cpp.llama_n_ctx_seq(self._ctx))
+        self.n_ctx_seq = lc.n_ctx_seq
         # llama.cpp clamps n_batch to n_ctx: chunk by what it really took.
-        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self.n_batch = lc.n_batch
         self._batch = llama_cpp.llama_batch_init(self.n_batch, self.n_embd, 1)
         self._embd = ctypes.cast(self._batch.embd, ctypes.c_void_p).value or 0
         self._lengths = [0] * c.n_seq_max
+        # The last stage: each sequence's tokens, position by position.
+        self._tokens: list[list[int]] = [[] for _ in range(c.n_seq_max)]
 
     # --- sequences ---------------------------------------------------------------------
 
     def length(self, seq: int) -> int:
         self._check_seq(seq)
         return self._lengths[seq]
+
+    def tokens(self, seq: int) -> list[int]:
+        """The tokens at the sequence's positions (kept by the last stage only; the
+        penalties of its verdicts are computed from them). Not a copy."""
+        self._check_seq(seq)
+        return self._tokens[seq]
 
     def _check_seq(self, seq: int) -> None:
         if not 0 <= seq < self.config.n_seq_max:
@@ -135,6 +124,7 @@ class Stage:
                 f"cannot truncate sequence {seq} to {length}: it holds {self._lengths[seq]}")
         llama_cpp.llama_memory_seq_rm(self._mem, seq, length, -1)
         self._lengths[seq] = length
+        del self._tokens[seq][length:]
 
     # --- batches -----------------------------------------------------------------------
 
@@ -209,9 +199,14 @@ class Stage:
             for s in slices:  # what reached the caches is not valid: back to the start
                 llama_cpp.llama_memory_seq_rm(self._mem, s.seq, s.start, -1)
                 self._lengths[s.seq] = s.start
+                del self._tokens[s.seq][s.start:]
             raise
         for s in slices:
             self._lengths[s.seq] = s.end
+            if self.is_last:
+                held = self._tokens[s.seq]
+                del held[s.start:]
+                held.extend(s.tokens)
         if out is not None:
             return out
         # A slice decoded in one call (every decode step) keeps its array: one copy of
@@ -229,25 +224,9 @@ class Stage:
         return self.embedding.lookup(tokens)
 
     def _calls(self, slices: list[Slice]) -> list[list[tuple[int, int, int]]]:
-        """The llama_decode calls: lists of (slice index, lo, hi) row pieces.
-
-        Round r holds the r-th n_batch-sized piece of every slice (a slice's pieces run
-        in order); within a round, pieces of one length go together, by sequence id.
-        """
-        pieces = [[(lo, min(lo + self.n_batch, len(s.tokens)))
-                   for lo in range(0, len(s.tokens), self.n_batch)] for s in slices]
-        calls = []
-        for r in range(max((len(p) for p in pieces), default=0)):
-            by_length: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
-            for i, p in enumerate(pieces):
-                if r < len(p):
-                    lo, hi = p[r]
-                    by_length[hi - lo].append((i, lo, hi))
-            for length in sorted(by_length):
-                group = sorted(by_length[length], key=lambda item: slices[item[0]].seq)
-                per_call = max(self.n_batch // length, 1)
-                calls += [group[k:k + per_call] for k in range(0, len(group), per_call)]
-        return calls
+        """The llama_decode calls: lists of (slice index, lo, hi) row pieces."""
+        return decode_calls([len(s.tokens) for s in slices], [s.seq for s in slices],
+                            self.n_batch)
 
     def _decode(self, slices: list[Slice], call: list[tuple[int, int, int]],
                 hidden: np.ndarray, rows: list[tuple[int, int]], borrow: bool = False

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
 from cluster import models
 from cluster.auth import read_token
 from cluster.errors import SpecshardError
+from cluster.gguf_file import read_header
 from cluster.model_info import KvType, inspect_model, parse_layers
 from cluster.planning.inventory import node_specs, query_node
 from cluster.planning.planner import DEFAULT_MARGIN, plan
 from cluster.planning.plans import GIB, HOST, NodeSpec, Plan, StagePlan
+from cluster.rope import add_rope_arguments, context_warning, resolve_rope, rope_flags
 
 _SIZE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)(B?)|B)?\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")  # ":" for names like pc1:gpu0 (one per GPU)
@@ -38,6 +41,7 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--no-flash-attn", action="store_true",
                    help="plan without flash attention (f16 KV only)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_rope_arguments(p)
     p.set_defaults(handler=run_plan)
 
 
@@ -151,14 +155,22 @@ def render(result: Plan, model: str, draft: str | None) -> str:
 def run_plan(args: argparse.Namespace) -> int:
     nodes = nodes_from_workers(args.worker, args.token_file) if args.worker \
         else [parse_node(text) for text in args.node]
-    target = inspect_model(models.resolve(args.model, "target"))
+    target_path = models.resolve(args.model, "target")
+    target = inspect_model(target_path)
     draft = inspect_model(models.resolve(args.draft, "draft")) if args.draft else None
+    rope = resolve_rope(read_header(target_path), rope_flags(args))
+    warning = context_warning(args.ctx, target.n_ctx_train, rope)
+    if warning:
+        print(f"specshard: warning: {warning}", file=sys.stderr)
     result = plan(target, nodes, args.ctx, args.parallel, draft,
                   parse_size(args.margin, "--margin"),
                   parse_overrides(args.layers or [], target.n_layer),
-                  flash_attn=not args.no_flash_attn)
-    print(json.dumps(result.to_json()) if args.json
-          else render(result, target.name, draft.name if draft else None))
+                  flash_attn=not args.no_flash_attn, rope=rope)
+    if args.json:
+        print(json.dumps({**result.to_json(), "rope": rope.as_dict()}))
+    else:
+        print(render(result, target.name, draft.name if draft else None))
+        print(rope.describe())
     if not result.feasible:
         raise SpecshardError(str(result.reason))
     return 0

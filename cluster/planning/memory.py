@@ -71,7 +71,7 @@ def weights_bytes(info: ModelInfo, begin: int, end: int) -> int:
     """Device weights of layers [begin, end): the layers, the small non-layer tensors every
     stage copies (output_norm…), and the lm_head on the last stage. token_embd stays in
     host memory: llama.cpp keeps the input layer on the CPU, and the first stage's worker
-    looks rows up in the full model's mmap (ARCHITECTURE.md, the stage technique)."""
+    looks rows up in the full model's mmap (docs/architecture.md, "Stages")."""
     head = info.lm_head_bytes if end == info.n_layer else 0
     return sum(info.layer_bytes[begin:end]) + info.other_bytes + head
 

@@ -24,6 +24,7 @@ from cluster.planning.memory import (
     stage_memory,
 )
 from cluster.planning.plans import HOST, DraftPlan, NodeSpec, Plan, StagePlan, ctx_label, gib
+from cluster.rope import RopeParams
 
 DEFAULT_MARGIN = 1 << 30  # CUDA context + cuBLAS workspace + llama.cpp's pool: 0.3–0.6 GiB
 CTX_STEP = 256  # llama.cpp pads contexts to 256 cells anyway
@@ -46,9 +47,8 @@ def _validate(shape: ModelShape, nodes: list[NodeSpec], ctx: int, parallel: int,
                              "every node needs at least one layer")
     if ctx < 1:
         raise SpecshardError(f"the context must be at least 1 token, got {ctx}")
-    if ctx > shape.info.n_ctx_train:
-        raise SpecshardError(f"context {ctx} is beyond the {shape.info.n_ctx_train} tokens "
-                             f"{shape.info.name} was trained for")
+    # Past the trained context (without RoPE scaling that covers it) llama.cpp runs but
+    # the output degrades: `cluster.rope.context_warning` says so; it is not refused.
     if parallel < 1:
         raise SpecshardError(f"parallel sequences must be at least 1, got {parallel}")
     if margin_bytes < 0:
@@ -181,6 +181,7 @@ class _Request:
     margin: int
     flash_attn: bool
     forced: dict[int, tuple[int, int]]
+    target_ctx: int  # what the target's RoPE covers: trained context × scaling
     _tables: dict[tuple[int, KvType], dict[tuple[int, int], StageMemory]] = field(
         default_factory=dict)
 
@@ -191,8 +192,7 @@ class _Request:
 
     @property
     def ctx_limit(self) -> int:
-        infos = [self.shape.info] + ([self.draft.info] if self.draft else [])
-        return min(i.n_ctx_train for i in infos)
+        return min([self.target_ctx] + ([self.draft.info.n_ctx_train] if self.draft else []))
 
     def stage(self, a: int, b: int, kv: KvType, ctx: int) -> StageMemory:
         return stage_memory(self.shape, a, b, kv, ctx, self.parallel, self.flash_attn)
@@ -343,17 +343,20 @@ def _shape(model: ModelInfo | Path | str) -> ModelShape:
 
 def plan(target: ModelInfo | Path | str, nodes: list[NodeSpec], ctx: int, parallel: int = 1,
          draft: ModelInfo | Path | str | None = None, margin_bytes: int = DEFAULT_MARGIN,
-         layers: dict[str, tuple[int, int]] | None = None, flash_attn: bool = True) -> Plan:
+         layers: dict[str, tuple[int, int]] | None = None, flash_attn: bool = True,
+         rope: RopeParams | None = None) -> Plan:
     """Place `target` (and `draft`) on `nodes` for `parallel` sequences of `ctx` tokens;
-    `layers` forces some nodes' ranges, by node name."""
+    `layers` forces some nodes' ranges, by node name; `rope`: the target's RoPE values
+    (scaling raises the largest context the plan reports)."""
     shape = _shape(target)
     draft_shape = None if draft is None else _shape(draft)
     _validate(shape, nodes, ctx, parallel, margin_bytes)
     if draft_shape is not None and ctx > draft_shape.info.n_ctx_train:
         raise SpecshardError(f"context {ctx} is beyond the {draft_shape.info.n_ctx_train} "
                              f"tokens the draft {draft_shape.info.name} was trained for")
+    covered = rope.max_ctx(shape.info.n_ctx_train) if rope else shape.info.n_ctx_train
     req = _Request(shape, draft_shape, list(nodes), parallel, margin_bytes, flash_attn,
-                   _forced(nodes, layers or {}, shape.info.n_layer))
+                   _forced(nodes, layers or {}, shape.info.n_layer), max(covered, ctx))
     found = []
     for placement in req.placements(ctx):
         best = _best(req.problem(ctx, placement))

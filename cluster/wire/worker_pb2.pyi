@@ -37,7 +37,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., utilization_percent: _Optional[int] = ..., temperature_c: _Optional[int] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("model_path", "begin", "end", "model_n_layer", "n_ctx", "n_seq_max", "type_k", "type_v", "downstream", "capture")
+    __slots__ = ("model_path", "begin", "end", "model_n_layer", "n_ctx", "n_seq_max", "type_k", "type_v", "downstream", "capture", "rope")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class StageInfo(_message.Message):
     TYPE_V_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     begin: int
     end: int
@@ -58,7 +59,8 @@ class StageInfo(_message.Message):
     type_v: str
     downstream: str
     capture: str
-    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., model_n_layer: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., downstream: _Optional[str] = ..., capture: _Optional[str] = ...) -> None: ...
+    rope: RopeScaling
+    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., model_n_layer: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., downstream: _Optional[str] = ..., capture: _Optional[str] = ..., rope: _Optional[_Union[RopeScaling, _Mapping]] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("hostname", "pid", "cpu", "cpu_count", "ram_total_bytes", "ram_available_bytes", "gpus", "versions", "stage", "gpu_error")
@@ -102,7 +104,7 @@ class Peer(_message.Message):
     def __init__(self, address: _Optional[str] = ..., tls: _Optional[bool] = ..., server_name: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model_path", "begin", "end", "n_ctx", "n_seq_max", "type_k", "type_v", "flash_attn", "n_threads", "downstream", "wire_dtype")
+    __slots__ = ("model_path", "begin", "end", "n_ctx", "n_seq_max", "type_k", "type_v", "flash_attn", "n_threads", "downstream", "wire_dtype", "rope")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +116,7 @@ class LoadStageRequest(_message.Message):
     N_THREADS_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     begin: int
     end: int
@@ -125,7 +128,28 @@ class LoadStageRequest(_message.Message):
     n_threads: int
     downstream: Peer
     wire_dtype: HiddenDType
-    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., flash_attn: _Optional[bool] = ..., n_threads: _Optional[int] = ..., downstream: _Optional[_Union[Peer, _Mapping]] = ..., wire_dtype: _Optional[_Union[HiddenDType, str]] = ...) -> None: ...
+    rope: RopeScaling
+    def __init__(self, model_path: _Optional[str] = ..., begin: _Optional[int] = ..., end: _Optional[int] = ..., n_ctx: _Optional[int] = ..., n_seq_max: _Optional[int] = ..., type_k: _Optional[str] = ..., type_v: _Optional[str] = ..., flash_attn: _Optional[bool] = ..., n_threads: _Optional[int] = ..., downstream: _Optional[_Union[Peer, _Mapping]] = ..., wire_dtype: _Optional[_Union[HiddenDType, str]] = ..., rope: _Optional[_Union[RopeScaling, _Mapping]] = ...) -> None: ...
+
+class RopeScaling(_message.Message):
+    __slots__ = ("scaling", "freq_base", "freq_scale", "yarn_orig_ctx", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow")
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    FREQ_BASE_FIELD_NUMBER: _ClassVar[int]
+    FREQ_SCALE_FIELD_NUMBER: _ClassVar[int]
+    YARN_ORIG_CTX_FIELD_NUMBER: _ClassVar[int]
+    YARN_EXT_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    YARN_ATTN_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    YARN_BETA_FAST_FIELD_NUMBER: _ClassVar[int]
+    YARN_BETA_SLOW_FIELD_NUMBER: _ClassVar[int]
+    scaling: str
+    freq_base: float
+    freq_scale: float
+    yarn_orig_ctx: int
+    yarn_ext_factor: float
+    yarn_attn_factor: float
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+    def __init__(self, scaling: _Optional[str] = ..., freq_base: _Optional[float] = ..., freq_scale: _Optional[float] = ..., yarn_orig_ctx: _Optional[int] = ..., yarn_ext_factor: _Optional[float] = ..., yarn_attn_factor: _Optional[float] = ..., yarn_beta_fast: _Optional[float] = ..., yarn_beta_slow: _Optional[float] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("phase", "fraction", "detail")
@@ -150,14 +174,37 @@ class LoadProgress(_message.Message):
     def __init__(self, phase: _Optional[_Union[LoadProgress.Phase, str]] = ..., fraction: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n", "penalty_from", "logit_bias", "logprobs")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_LAST_N_FIELD_NUMBER: _ClassVar[int]
+    PENALTY_FROM_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ...) -> None: ...
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repeat_penalty: float
+    repeat_last_n: int
+    penalty_from: int
+    logit_bias: _containers.ScalarMap[int, float]
+    logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repeat_penalty: _Optional[float] = ..., repeat_last_n: _Optional[int] = ..., penalty_from: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class SparseDist(_message.Message):
     __slots__ = ("ids", "probs")
@@ -218,20 +265,34 @@ class StageTime(_message.Message):
     def __init__(self, stage_ms: _Optional[float] = ..., busy_ms: _Optional[float] = ...) -> None: ...
 
 class SeqResult(_message.Message):
-    __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab")
+    __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab", "error", "logprobs")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOP2_GAPS_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: _containers.RepeatedScalarFieldContainer[int]
     next_token: int
     top2_gaps: _containers.RepeatedScalarFieldContainer[float]
     logits: bytes
     n_vocab: int
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ...) -> None: ...
+    error: str
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+
+class TokenLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("results",)

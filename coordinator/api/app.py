@@ -14,7 +14,7 @@ import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, TypeVar
 
@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from cluster.errors import SpecshardError
-from cluster.sampling import SamplingParams
 from coordinator.api.chat import ChatShape, ReplyParser
-from coordinator.api.errors import ApiError, install_error_handlers
+from coordinator.api.errors import ApiError, api_error_of, install_error_handlers
+from coordinator.api.llama_routes import install as install_llama_routes
 from coordinator.api.reasoning import ThinkingBudget
+from coordinator.api.sampling_defaults import SamplingDefaults
 from coordinator.api.schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,7 +36,8 @@ from coordinator.api.schema import (
     ModelList,
     Sampling,
 )
-from coordinator.api.shapes import Shape, TextShape
+from coordinator.api.shapes import Logprobs, Shape, TextShape
+from coordinator.api.status_page import install_status_page
 from coordinator.api.templates import ChatOptions, chat_prompt
 from coordinator.engine.frontend import Engine
 from coordinator.engine.request import (
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # What `generate_latest` writes: the classic text format, which every scraper reads.
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+GREEDY_BELOW = 1e-5
 
 
 def _fingerprint() -> str:
@@ -68,6 +70,12 @@ class ServerState:
     cluster_info: Callable[[], dict[str, object]] | None = None
     model_names: tuple[str, ...] = ()  # accepted in `model`; default: the engine's name
     chat: ChatOptions = field(default_factory=ChatOptions)
+    draining: bool = False  # shutting down: new requests get 503, running ones finish
+    open_streams: int = 0  # event streams not ended yet (changed on the event loop only)
+    # Sampling for the fields a request leaves out: serve's --temp … flags, the GGUF's.
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    strict_model_name: bool = False  # --strict-model-name: another name is a 404
+    props: dict[str, object] = field(default_factory=dict)  # /props: model_path, chat_template
 
     def names(self, engine: Engine) -> tuple[str, ...]:
         return self.model_names or (engine.model_name,)
@@ -97,9 +105,11 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T | None:
     return None
 
 
-async def _collect(events: AsyncIterator[TextChunk | Finished]) -> tuple[str, Finished]:
+async def _collect(events: AsyncIterator[TextChunk | Finished], shape: Shape
+                   ) -> tuple[str, Finished]:
     text: list[str] = []
     async for event in events:
+        shape.observe(event)
         if isinstance(event, Finished):
             return "".join(text), event
         text.append(event.text)
@@ -116,11 +126,13 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[str]) -> None:
+    def __init__(self, chunks: AsyncIterator[str], state: ServerState) -> None:
         super().__init__(chunks, headers={"Cache-Control": "no-cache"})
         self.chunks = chunks
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.state.open_streams += 1
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
@@ -128,6 +140,7 @@ class EventStream(StreamingResponse):
             # log the cancellation as a crash: this stream's end is the expected outcome.
             pass
         finally:
+            self.state.open_streams -= 1
             aclose = getattr(self.chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -141,6 +154,7 @@ async def _stream(shape: Shape, first: TextChunk | Finished,
             yield _sse(obj)
         event = first
         while isinstance(event, TextChunk):
+            shape.observe(event)
             for obj in shape.piece(event.text) if event.text else []:
                 yield _sse(obj)
             event = await anext(events)
@@ -150,15 +164,22 @@ async def _stream(shape: Shape, first: TextChunk | Finished,
             yield _sse(shape.usage_only(event))
         engine.metrics.requests.labels(outcome=_outcome(event)).inc()
     except Exception as exc:  # the status line is sent: report in the stream, as OpenAI does
-        log.error("stream failed", exc_info=exc)
-        engine.metrics.requests.labels(outcome="error").inc()
-        error = (ApiError(400, str(exc)) if isinstance(exc, SpecshardError) else
-                 ApiError(500, "internal error; see the server log", "server_error",
-                          "internal_error"))
+        error = api_error_of(exc)
+        log.error("stream failed: %s", exc, exc_info=error.status == 500 and
+                  error.detail.code == "internal_error")
+        engine.metrics.requests.labels(outcome=_failure_outcome(error)).inc()
         yield _sse(ErrorBody(error=error.detail))
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     yield "data: [DONE]\n\n"
+
+
+def _failure_outcome(error: ApiError) -> str:
+    return {400: "invalid", 503: "unavailable"}.get(error.status, "error")
+
+
+def _logprobs(body: Sampling, engine: Engine) -> Logprobs | None:
+    return Logprobs(engine.tokenizer) if body.n_logprobs is not None else None
 
 
 def _outcome(done: Finished) -> str:
@@ -166,11 +187,18 @@ def _outcome(done: Finished) -> str:
     return "aborted" if done.finish_reason == "abort" else "ok"
 
 
-async def _complete(request: Request, engine: Engine, body: Sampling, prompt: list[int],
-                    shape: Shape, guard: TextGuard | None = None) -> Response:
+async def _complete(request: Request, state: ServerState, engine: Engine, body: Sampling,
+                    prompt: list[int], shape: Shape, guard: TextGuard | None = None
+                    ) -> Response:
+    # Below this a temperature only sharpens the argmax, and near 0 it overflows the
+    # softmax: greedy, as vLLM does under its sampling epsilon.
+    sampling = body.sampling_params(state.sampling, engine.tokenizer.n_vocab)
+    if sampling.temperature < GREEDY_BELOW:
+        sampling = replace(sampling, temperature=0.0)
     job = GenerationRequest(prompt, body.token_limit(engine.n_ctx),
-                            SamplingParams(body.temperature, body.top_k, body.top_p, body.seed),
-                            body.stops, guard)
+                            sampling,
+                            body.stops, guard, ignore_eos=body.ignore_eos,
+                            cache_prompt=body.cache_prompt)
     engine.check(job)
     events = engine.stream(job)
     streaming = False
@@ -181,9 +209,10 @@ async def _complete(request: Request, engine: Engine, body: Sampling, prompt: li
             first = await _unless_gone(request, anext(events))
             if first is not None:
                 streaming = True
-                return EventStream(_stream(shape, first, events, body.include_usage, engine))
+                return EventStream(_stream(shape, first, events, body.include_usage, engine),
+                                   state)
         else:
-            result = await _unless_gone(request, _collect(events))
+            result = await _unless_gone(request, _collect(events, shape))
             if result is not None:
                 engine.metrics.requests.labels(outcome=_outcome(result[1])).inc()
                 return JSONResponse(shape.whole(*result).model_dump())
@@ -221,13 +250,18 @@ def create_app(state: ServerState) -> FastAPI:
         if state.engine is None:
             raise ApiError(503, "The model is still loading; retry shortly.", "server_error",
                            "not_ready", headers={"Retry-After": "5"})
+        if state.draining:
+            raise ApiError(503, "The server is shutting down; retry on another.",
+                           "server_error", "shutting_down", headers={"Retry-After": "5"})
         return state.engine
 
     Ready = Annotated[Engine, Depends(ready)]
 
-    def served_name(engine: Engine, asked: str | None) -> str:
+    def served_name(engine: Engine, asked: str | None, strict: bool = False) -> str:
+        """The name a completion is answered under: any name is served by the one model
+        (as llama-server), unless --strict-model-name (or `strict`: a lookup)."""
         names = state.names(engine)
-        if asked and asked not in names:
+        if asked and asked not in names and (strict or state.strict_model_name):
             raise ApiError(404, f"The model `{asked}` does not exist; this server has "
                                 f"{', '.join(names)}.", code="model_not_found", param="model")
         return asked or names[0]
@@ -242,15 +276,17 @@ def create_app(state: ServerState) -> FastAPI:
         tokens = await asyncio.to_thread(engine.tokenizer.encode, prompt.text)
         guard = ThinkingBudget(prompt.budget, prompt.thinking)
         reply = ReplyParser(prompt.thinking if prompt.split_reasoning else None, prompt.tools)
-        shape = ChatShape(name, fingerprint, reply=reply, guard=guard)
-        return await _complete(request, engine, body, tokens, shape, guard)
+        shape = ChatShape(name, fingerprint, reply=reply, guard=guard,
+                          logprobs=_logprobs(body, engine))
+        return await _complete(request, state, engine, body, tokens, shape, guard)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request, engine: Ready
                           ) -> Response:
-        shape = TextShape(served_name(engine, body.model), fingerprint)
+        shape = TextShape(served_name(engine, body.model), fingerprint,
+                          logprobs=_logprobs(body, engine))
         tokens = await asyncio.to_thread(engine.tokenizer.encode, body.text)
-        return await _complete(request, engine, body, tokens, shape)
+        return await _complete(request, state, engine, body, tokens, shape)
 
     @v1.get("/models")
     async def models(engine: Ready) -> ModelList:
@@ -258,7 +294,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @v1.get("/models/{model}")
     async def model(model: str, engine: Ready) -> ModelCard:
-        return ModelCard(id=served_name(engine, model), created=0)
+        return ModelCard(id=served_name(engine, model, strict=True), created=0)
 
     @v1.get("/cluster")
     async def cluster(engine: Ready) -> dict[str, object]:
@@ -274,6 +310,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> JSONResponse:
         if state.engine is None:
             return JSONResponse({"status": "loading"}, 503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        ring = state.engine.core.state.value
+        if ring != "running":  # recovering: requests wait; down: they get 503
+            return JSONResponse({"status": ring}, 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -282,4 +323,7 @@ def create_app(state: ServerState) -> FastAPI:
             return Response("loading\n", 503, media_type="text/plain")
         return Response(state.engine.metrics.render(), media_type=METRICS_TYPE)
 
+    install_status_page(app, state, authorize)
+    # /tokenize, /detokenize, /props; the OpenAI routes also without /v1
+    install_llama_routes(app, state, authorize, ready)
     return app

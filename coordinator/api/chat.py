@@ -97,12 +97,20 @@ class ChatShape(Shape):
     def opening(self) -> list[BaseModel]:
         return [self._chunk(Delta(role="assistant", content=""))]
 
+    def _with_logprobs(self, chunks: list[BaseModel]) -> list[BaseModel]:
+        """The pending logprobs ride on the last of these chunks (none: they wait)."""
+        if self.logprobs is not None and chunks:
+            last = chunks[-1]
+            assert isinstance(last, ChatCompletionChunk)
+            last.choices[0].logprobs = self.logprobs.chat()
+        return chunks
+
     def piece(self, text: str) -> list[BaseModel]:
-        return self._deltas(self.reply.push(text))
+        return self._with_logprobs(self._deltas(self.reply.push(text)))
 
     def ending(self, done: Finished) -> list[BaseModel]:
-        return [*self._deltas(self.reply.flush()),
-                self._chunk(Delta(), self._finish_reason(done))]
+        return [*self._with_logprobs(self._deltas(self.reply.flush())),
+                *self._with_logprobs([self._chunk(Delta(), self._finish_reason(done))])]
 
     def usage_only(self, done: Finished) -> BaseModel:
         return ChatCompletionChunk(**self.head(), choices=[], usage=self._usage(done))
@@ -118,4 +126,5 @@ class ChatShape(Shape):
             reasoning_content=reasoning or None,
             tool_calls=[ToolCallObject(id=c.id, function=_function(c)) for c in calls] or None)
         return ChatCompletion(**self.head(), usage=self._usage(done), choices=[
-            ChatChoice(message=message, finish_reason=self._finish_reason(done))])
+            ChatChoice(message=message, finish_reason=self._finish_reason(done),
+                       logprobs=self.logprobs.chat() if self.logprobs is not None else None)])

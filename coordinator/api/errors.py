@@ -11,9 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from cluster.errors import SpecshardError
+from cluster.errors import ClusterError, ClusterUnavailable, SpecshardError
 from coordinator.api.schema import ErrorBody, ErrorDetail
 from coordinator.engine.request import ContextExceeded, QueueFull
+
+RETRY_AFTER_S = "5"  # while the ring is rebuilt: a rebuild takes seconds
 
 
 class ApiError(Exception):
@@ -47,6 +49,20 @@ def param_of(errors: list[dict[str, Any]]) -> str | None:
     for part in common[1:]:  # [0] is "body"
         text += f"[{part}]" if isinstance(part, int) else f".{part}"
     return text.lstrip(".") or None
+
+
+def api_error_of(exc: BaseException) -> ApiError:
+    """An engine failure as the client sees it, by cause: its own request (400), the
+    ring down or rebuilding (503, retry), the cluster's failure (500), a bug (500)."""
+    if isinstance(exc, SpecshardError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, ClusterUnavailable):
+        return ApiError(503, str(exc), "server_error", "unavailable",
+                        headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(exc, ClusterError):
+        return ApiError(500, str(exc), "server_error", "cluster_error")
+    return ApiError(500, "internal error; see the server log", "server_error",
+                    "internal_error")
 
 
 def install_error_handlers(app: FastAPI, count: Callable[[str], None]) -> None:
@@ -84,6 +100,11 @@ def install_error_handlers(app: FastAPI, count: Callable[[str], None]) -> None:
         count("invalid")
         return ApiError(400, str(exc)).response()
 
+    async def cluster_failed(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ClusterError)
+        count("unavailable" if isinstance(exc, ClusterUnavailable) else "error")
+        return api_error_of(exc).response()
+
     async def internal(_: Request, exc: Exception) -> Response:
         count("error")  # Starlette re-raises it after this answer: uvicorn logs it
         return ApiError(500, "internal error; see the server log", "server_error",
@@ -95,4 +116,5 @@ def install_error_handlers(app: FastAPI, count: Callable[[str], None]) -> None:
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(ContextExceeded, too_long)
     app.add_exception_handler(SpecshardError, invalid)
+    app.add_exception_handler(ClusterError, cluster_failed)
     app.add_exception_handler(Exception, internal)

@@ -1,14 +1,17 @@
 """The OpenAI API objects we accept and return, as pydantic models.
 
-Requests ignore unknown fields: OpenAI clients send options we do not implement, mostly
-at their defaults (`frequency_penalty: 0`, `logprobs: false`). Ranges follow the OpenAI
-API reference; `top_k` is our extension, as in llama.cpp's server, and so are the chat
-fields for reasoning models that llama-server accepts (`reasoning_format`,
-`chat_template_kwargs`, `thinking_budget_tokens`).
+Every request field has a stated fate (the table in docs/clients.md): honoured; ignored
+(unknown fields, and known ones that change nothing a client relies on: logged once per
+field name); or refused with a 400 (what would change the output in a way we do not
+implement: a `response_format` with a schema, a `grammar`, another sampler). Ranges
+follow the OpenAI API reference; `top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`
+and `n_predict` are llama-server's, and so are the chat fields for reasoning models
+(`reasoning_format`, `chat_template_kwargs`, `thinking_budget_tokens`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,7 +26,21 @@ from pydantic import (
     model_validator,
 )
 
-Stop = Annotated[list[str], Field(max_length=4)]
+from cluster.errors import SpecshardError
+from cluster.sampling import SamplingParams
+from coordinator.api.sampling_defaults import SamplingDefaults
+
+log = logging.getLogger(__name__)
+MAX_STOP = 64  # stop strings a request may send (continue.dev's FIM sends 9)
+Stop = list[str]
+# Fields of OpenAI's and llama-server's requests that change nothing a client relies on
+# here (docs/clients.md): accepted and logged once per name. Unknown fields too.
+_IGNORED_SEEN: set[str] = set()
+# llama-server's other samplers, at the value that leaves them off: any other is refused.
+OFF_SAMPLERS: dict[str, object] = {
+    "typical_p": 1.0, "mirostat": 0, "tfs_z": 1.0, "dynatemp_range": 0.0,
+    "xtc_probability": 0.0, "dry_multiplier": 0.0, "top_n_sigma": -1.0}
+REFUSED = {"grammar": "a grammar", "json_schema": "a JSON schema"}
 # JSON may escape half a UTF-16 pair ("\ud800"); Python decodes it to a string that no
 # UTF-8 can carry, so the tokenizer and any answer quoting it would fail (a 500).
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -43,6 +60,14 @@ def _has_lone_surrogate(data: Any) -> bool:
     return False
 
 
+def log_ignored(names: set[str]) -> None:
+    """Log each ignored field name once per process."""
+    for name in sorted(names - _IGNORED_SEEN):
+        _IGNORED_SEEN.add(name)
+        log.info("request field %r is ignored (docs/clients.md lists every field's fate); "
+                 "said once", name)
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -60,7 +85,9 @@ class StreamOptions(Request):
 
 
 class Sampling(Request):
-    """The fields chat and text completions share."""
+    """The fields chat and text completions share. Sampling fields a request leaves out
+    take the server's defaults (`sampling_params`): the stored values below are only
+    what an unset field reads as."""
 
     model: str | None = None
     stream: bool = False
@@ -68,11 +95,70 @@ class Sampling(Request):
     stop: str | Stop | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    n_predict: int | None = Field(None, ge=-1)  # llama-server's max_tokens; -1: no limit
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repeat_penalty: float = Field(1.0, gt=0, le=10)
+    repeat_last_n: int = Field(64, ge=-1)
+    logit_bias: dict[str, float] | None = None  # token id (as text) → bias in [-100, 100]
     seed: int | None = Field(None, ge=-1)  # -1: a random seed, as llama-server reads it
     n: int = 1
+    ignore_eos: bool = False  # llama-server's: decode past end tokens
+    cache_prompt: bool = True  # llama-server's: start from a slot's cached prefix
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fates(cls, data: Any) -> Any:
+        """Refuse what would change the output in a way we do not implement; log what is
+        ignored (once per field name)."""
+        if not isinstance(data, dict):
+            return data
+        for name, what in REFUSED.items():
+            if data.get(name) not in (None, "", {}):
+                raise ValueError(f"`{name}` is not supported: this server cannot constrain "
+                                 f"decoding to {what}; leave it out")
+        for name, off in OFF_SAMPLERS.items():
+            value = data.get(name)
+            if value is not None and value != off:
+                raise ValueError(f"`{name}` is not supported (only its default {off}): "
+                                 "samplers here are temperature, top_k, top_p, min_p and the "
+                                 "penalties")
+        known = set(cls.model_fields) | {a for f in cls.model_fields.values()
+                                          for a in _aliases(f.validation_alias)}
+        log_ignored({str(k) for k in data} - known - set(OFF_SAMPLERS))
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_cap(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"{len(stop)} stop strings: at most {MAX_STOP}")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {value}")
+        return bias
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = (fmt or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(f"response_format {kind!r} is not supported: this server cannot "
+                             "constrain decoding to JSON or a schema (no grammar); ask for "
+                             "JSON in the prompt instead, or leave response_format out")
+        return fmt
 
     @field_validator("seed")
     @classmethod
@@ -97,7 +183,40 @@ class Sampling(Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def token_limit(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+        """max_completion_tokens, max_tokens, llama-server's n_predict, in that order."""
+        if self.max_completion_tokens:
+            return self.max_completion_tokens
+        if self.n_predict and self.n_predict > 0 and "max_tokens" not in self.model_fields_set:
+            return self.n_predict
+        return self.max_tokens or default
+
+    @property
+    def n_logprobs(self) -> int | None:
+        """Likeliest tokens to report beside each token's logprob; None: no logprobs."""
+        return None
+
+    def sampling_params(self, defaults: SamplingDefaults, n_vocab: int,
+                        penalty_from: int = 0) -> SamplingParams:
+        """The request's sampling: its own fields where it sent them, else `defaults`."""
+        given = self.model_fields_set
+        values: dict[str, Any] = {
+            name: getattr(self, name) for name in
+            ("temperature", "top_k", "top_p", "min_p", "presence_penalty",
+             "frequency_penalty", "repeat_penalty", "repeat_last_n") if name in given}
+        bias = tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
+        beyond = [token for token, _ in bias if token >= n_vocab]
+        if beyond:
+            raise SpecshardError(f"logit_bias names token {beyond[0]}, beyond the "
+                                 f"vocabulary of {n_vocab}")
+        return defaults.params(**values, seed=self.seed, logit_bias=bias,
+                               penalty_from=penalty_from, logprobs=self.n_logprobs)
+
+
+def _aliases(alias: object) -> list[str]:
+    if isinstance(alias, str):
+        return [alias]
+    choices = getattr(alias, "choices", None)
+    return [c for c in choices if isinstance(c, str)] if choices else []
 
 
 class TextPart(Request):
@@ -172,6 +291,12 @@ class ChatCompletionRequest(Sampling):
     thinking_budget_tokens: int | None = Field(
         None, ge=-1, validation_alias=AliasChoices("thinking_budget_tokens",
                                                    "thinking_token_budget"))
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _tool_choice_has_tools(self) -> ChatCompletionRequest:
@@ -199,6 +324,28 @@ class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: bool = False
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI: up to 5; llama-server more
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported: send the whole "
+                             "prompt in the model's own FIM format instead")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return best_of
 
     @field_validator("echo")
     @classmethod
@@ -232,12 +379,17 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # found in the slot's caches, not computed (prompt reuse)
+
+
 class Usage(Sparse):
     omitted_when_none = frozenset({"completion_tokens_details"})
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None  # chat only
 
 
@@ -275,10 +427,36 @@ class AssistantMessage(Sparse):
     tool_calls: list[ToolCallObject] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's `choices[].logprobs` of a chat completion (or chunk)."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' `choices[].logprobs`."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -300,7 +478,7 @@ class Delta(Sparse):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -312,7 +490,7 @@ class ChatCompletionChunk(Completed):
 class TextChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -10,7 +10,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from cluster.errors import SpecshardError
-from coordinator.api.app import ServerState, create_app
 
 
 def _server(app: FastAPI, host: str, port: int, grace: int) -> uvicorn.Server:
@@ -18,11 +17,6 @@ def _server(app: FastAPI, host: str, port: int, grace: int) -> uvicorn.Server:
     # which frees their sequences.
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                          timeout_graceful_shutdown=grace))
-
-
-def run_server(state: ServerState, host: str, port: int, grace: int = 5) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn installs the handlers)."""
-    _server(create_app(state), host, port, grace).run()
 
 
 class ServerThread:

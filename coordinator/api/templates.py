@@ -85,6 +85,25 @@ def template_messages(messages: list[ChatMessage]) -> list[Message]:
     return out
 
 
+def split_prefill(messages: list[ChatMessage]) -> tuple[list[ChatMessage], str]:
+    """A conversation ending with an assistant message is a prefill, as llama-server
+    reads it: the template renders the messages before it (with the generation prompt)
+    and the reply continues its text. Otherwise: the messages, and no prefill."""
+    if not messages or messages[-1].role != "assistant":
+        return messages, ""
+    last = messages[-1]
+    if last.tool_calls:
+        raise SpecshardError("the last message is an assistant message with tool calls: "
+                             "send the tool results, or leave the calls out to continue "
+                             "its text")
+    if len(messages) >= 2 and messages[-2].role == "assistant":
+        raise SpecshardError("two assistant messages end the conversation: only the last "
+                             "may be continued")
+    if len(messages) == 1:
+        raise SpecshardError("an assistant message to continue needs a message before it")
+    return messages[:-1], last.text
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     text: str
@@ -106,7 +125,8 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, options: Chat
         variables.setdefault("enable_thinking", False)
     thinking_off = variables.get("enable_thinking") is False
     tools = body.template_tools()
-    text = tokenizer.chat_prompt(template_messages(body.messages), tools, options.template,
+    messages, prefill = split_prefill(body.messages)
+    text = tokenizer.chat_prompt(template_messages(messages), tools, options.template,
                                  **variables)
     thinking = opens_thinking(text)
     if thinking and thinking_off:
@@ -114,6 +134,11 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, options: Chat
         # as Qwen3's template does when thinking is off, so the model answers at once.
         text += CLOSE_THINKING
         thinking = False
+    if prefill:
+        # The reply continues the assistant's text (inside the thinking block the
+        # template opened, unless the text closes it); only what follows is returned.
+        text += prefill
+        thinking = thinking and CLOSE_THINKING.strip() not in prefill
     return ChatPrompt(text, thinking, 0 if thinking_off else budget,
                       (body.reasoning_format or options.reasoning_format) == "deepseek",
                       tools is not None)

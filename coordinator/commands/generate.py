@@ -15,13 +15,13 @@ from cluster.auth import read_token, tls_from_args
 from cluster.errors import SpecshardError
 from cluster.model_info import KvType
 from cluster.sampling import SamplingParams
-from coordinator.engine.frontend import Engine
-from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.engine.frontend import Generation
+from coordinator.engine.request import GenerationRequest
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
 from coordinator.ring.supervisor import StaticWorkers, WorkerSet
-from coordinator.service import EngineOptions, open_drafter, start_engine
-from coordinator.speculation.gamma import FREE_DRAFT, GammaConfig
+from coordinator.service import EngineOptions, gamma_config, open_drafter, start_engine
+from coordinator.speculation.gamma import FREE_DRAFT
 from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
                           seed=args.seed)
 
 
-def gamma_config(args: argparse.Namespace) -> GammaConfig:
-    if args.gamma is not None and not 0 <= args.gamma <= 16:
-        raise SpecshardError("--gamma must be in 0..16")
-    if not 1 <= args.gamma_max <= 16:
-        raise SpecshardError("--gamma-max must be in 1..16")
-    return GammaConfig(fixed=args.gamma, gamma_max=args.gamma_max)
-
-
 def prompt_tokens(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
     text = prompt if raw else tokenizer.chat_prompt([{"role": "user", "content": prompt}])
     return tokenizer.encode(text)
@@ -130,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = models.resolve(args.model)
     tokenizer = Tokenizer(model)
     tokens = prompt_tokens(tokenizer, args.prompt, args.raw)
-    sampling, gamma = sampling_from(args), gamma_config(args)
+    sampling, gamma = sampling_from(args), gamma_config(args.gamma, args.gamma_max)
     with ExitStack() as stack:
         # Beside local workers the draft gets one thread: more only fight the workers for
         # cores (measured: 2 threads ≈ 3× slower per step than 1 next to 2 workers).
@@ -145,34 +137,22 @@ def run_generate(args: argparse.Namespace) -> int:
                               EngineOptions(prefill_chunk=args.prefill_chunk, gamma=gamma),
                               costs=costs)
         stack.callback(engine.close)
-        done = stream(engine, GenerationRequest(tokens, args.max_tokens, sampling),
-                      echo=not args.json)
+        echo = None if args.json else _echo
+        done = engine.generate(GenerationRequest(tokens, args.max_tokens, sampling), echo)
     report(done, args.json)
     return 0
 
 
-def stream(engine: Engine, request: GenerationRequest, echo: bool
-           ) -> tuple[list[int], str, Finished]:
-    out: list[int] = []
-    text: list[str] = []
-    for event in engine.run(request):
-        if isinstance(event, TextChunk):
-            out += event.token_ids
-            text.append(event.text)
-            if echo:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-        elif isinstance(event, Finished):
-            return out, "".join(text), event
-    raise SpecshardError("the engine stopped without finishing")
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
-def report(done: tuple[list[int], str, Finished], as_json: bool) -> None:
-    tokens, text, finished = done
-    stats = finished.stats
+def report(done: Generation, as_json: bool) -> None:
+    stats = done.stats.as_dict()
     if as_json:
-        print(json.dumps({"tokens": tokens, "text": text,
-                          "finish_reason": finished.finish_reason, "stats": stats}))
+        print(json.dumps({"tokens": done.tokens, "text": done.text,
+                          "finish_reason": done.finish_reason, "stats": stats}))
         return
     spec = f", {stats['tokens_per_step']} tokens/step" if stats.get("gamma_mean") else ""
     print(f"\n\n[{stats['n_tokens']} tokens, {stats['tok_s']} tok/s decode, "

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+from cluster import models
 from cluster.auth import is_loopback
 from cluster.errors import SpecshardError
+from cluster.gguf_file import read_header
 from cluster.planning.cli import render
 from coordinator.api.app import ServerState, create_app
+from coordinator.api.sampling_defaults import from_settings
 from coordinator.api.server import ServerThread
 from coordinator.api.templates import chat_options
-from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.engine.frontend import Generation
+from coordinator.engine.request import GenerationRequest
 from coordinator.service import RunningCluster, start_cluster
 from coordinator.settings import ServeSettings, add_arguments, from_args
 
+log = logging.getLogger(__name__)
 DEMO_PROMPT = "Write a Python function that checks whether a string is a palindrome."
 
 
@@ -55,6 +61,18 @@ def wait_for_signal() -> None:
         pass
 
 
+def drain(state: ServerState, cluster: RunningCluster, timeout_s: float) -> None:
+    """Stop admitting (503), give running requests `timeout_s` to finish, end the rest
+    with finish_reason "abort", and wait until every event stream has sent its end."""
+    state.draining = True
+    running = cluster.engine.outstanding
+    log.info("draining: %d request(s) get %.0f s to finish", running, timeout_s)
+    cluster.engine.drain(timeout_s)
+    deadline = time.monotonic() + 10.0
+    while state.open_streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     s = from_args(args)
     key = api_key_of(s)
@@ -63,7 +81,13 @@ def run_serve(args: argparse.Namespace) -> int:
                              "SPECSHARD_API_KEY or --api-key-file")
     # A bad template or reasoning setting is refused before anything loads.
     chat = chat_options(s.reasoning_format, s.reasoning_budget, s.chat_template_file)
-    state = ServerState(engine=None, api_key=key, chat=chat)
+    model = models.resolve(s.model)
+    header = read_header(model)
+    state = ServerState(engine=None, api_key=key, chat=chat,
+                        sampling=from_settings(s, header),
+                        strict_model_name=s.strict_model_name,
+                        props={"model_path": str(model), "chat_template": str(
+                            header.values.get("tokenizer.chat_template", ""))})
     cluster: RunningCluster | None = None
     try:
         # The API answers from the start: /health is 503 until the ring is loaded.
@@ -75,25 +99,24 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"specshard: serving {cluster.engine.model_name} at {server.url}/v1",
                   file=sys.stderr)
             wait_for_signal()
+            drain(state, cluster, s.drain_timeout)
     finally:  # the HTTP side is closed: end what still runs, then the ring
         if cluster is not None:
             cluster.close()
+    log.info("stopped")
     return 0
 
 
-def stream_answer(cluster: RunningCluster, prompt: str, max_tokens: int) -> Finished:
+def stream_answer(cluster: RunningCluster, prompt: str, max_tokens: int) -> Generation:
     engine = cluster.engine
     tokens = engine.tokenizer.encode(engine.tokenizer.chat_prompt(
         [{"role": "user", "content": prompt}]))
-    finished = None
-    for event in engine.run(GenerationRequest(tokens, max_tokens), threading.Event()):
-        if isinstance(event, TextChunk):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        else:
-            finished = event
-    assert finished is not None
-    return finished
+
+    def echo(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return engine.generate(GenerationRequest(tokens, max_tokens), echo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -106,8 +129,8 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         print(f"ready in {time.perf_counter() - t0:.1f} s\n\n> {args.prompt}\n")
         done = stream_answer(cluster, args.prompt, args.max_tokens)
-        st = done.stats
-        print(f"\n\n{done.n_completion_tokens} tokens · {st['tok_s']} tok/s decode · "
+        st = done.stats.as_dict()
+        print(f"\n\n{len(done.tokens)} tokens · {st['tok_s']} tok/s decode · "
               f"{st['prompt_tok_s']} tok/s prompt · {st['tokens_per_step']} tokens per "
               f"pipeline step (γ mean {st['gamma_mean']})\n")
         if cluster.built.plan is not None:
@@ -119,6 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
             with ServerThread(create_app(state), host="127.0.0.1", port=args.port) as server:
                 print(f"\nOpenAI-compatible API at {server.url}/v1 — Ctrl-C to stop")
                 wait_for_signal()
+                drain(state, cluster, s.drain_timeout)
     finally:
         cluster.close()
     return 0

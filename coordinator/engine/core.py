@@ -1,48 +1,74 @@
-"""The engine core: one loop owns every running sequence (vLLM v1's EngineCore, pipelined).
+"""The engine core: one owner for every running sequence (vLLM v1's EngineCore, pipelined).
 
-    while running:
-        while a micro-batch slot is free and the scheduler has rows: draft, submit
-        wait for one message (a verdict, a new request, a cancellation, a lost worker)
-        update the sequences it concerns
+    step():  take what arrived (verdicts, requests, cancellations, ring events)
+             apply each to the sequences it concerns
+             while a micro-batch slot is free: schedule, draft, submit
+             → StepOutput: what was scheduled, what each verdict did
 
-Everything that changes a sequence happens under one lock (`_step`), taken by this
-loop's thread — and by a ring thread that reads a verdict while the loop waits and
-nothing older is queued: that thread updates the sequences and submits the next batch
-itself, one thread hand-off less per token (docs/overhead.md). Other threads talk to
-the core only through the inbox. Recovery is written next to the step it repairs
-(`_recover`, on the loop's thread only): rebuild the ring, replay what the lost caches
-held, carry on.
+`step` is the only code that changes a sequence, and one thread runs it (`start`); the
+ring's reader threads, the API and the rebuild only post messages to the inbox.
+Recovery is a state, driven by those messages: running → recovering (a helper thread
+rebuilds the ring and posts the result; the replay's batches come back as verdicts do)
+→ running, or → down when the ring cannot be rebuilt, retried in the background while
+new requests get 503. Output processing (text, stop strings, the thinking guard,
+limits) is per request, in `output.py`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cluster import trace
-from cluster.errors import SpecshardError
+from cluster.errors import ClusterError, ClusterUnavailable, SpecshardError
 from cluster.messages import Batch, SeqResult, Slice
 from cluster.sampling import SamplingParams, SparseDist
 from coordinator.engine.request import Failed, Finished, TextChunk
 from coordinator.engine.scheduler import Planned, SchedulerConfig, schedule
 from coordinator.engine.sequence import Sequence
 from coordinator.metrics import Metrics
-from coordinator.ring.grpc_ring import BatchDone, BatchFailed, RingEvent, RingLost, WorkerLost
-from coordinator.ring.recovery import Rebuilder, Ring, replay_batches
-from coordinator.speculation.drafting import Drafter, DraftRequest, draft_rng
+from coordinator.ring.contract import (
+    BatchDone,
+    BatchFailed,
+    Rebuilder,
+    Ring,
+    RingEvent,
+    RingLost,
+    Sink,
+    WorkerLost,
+)
+from coordinator.ring.recovery import REPLAY_WINDOW, replay_plan
+from coordinator.speculation.drafting import (
+    Draft,
+    Drafter,
+    DraftRequest,
+    common_prefix,
+    draft_rng,
+)
 from coordinator.speculation.gamma import DraftCosts, GammaPolicy
 from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_RECOVERIES = 5  # in a row: a ring that keeps failing is reported, not retried forever
+MAX_RECOVERIES = 5  # rebuilds in a row before the ring is reported down
+DOWN_RETRY_S = 10.0  # while down, a rebuild is tried this often
 
+
+class State(enum.Enum):
+    RUNNING = "running"
+    RECOVERING = "recovering"  # rebuilding the ring, or replaying into it
+    DOWN = "down"  # could not rebuild: requests get 503, a rebuild is retried
+
+
+# --- messages into the core ----------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Admit:
@@ -62,11 +88,41 @@ class FromRing:
 
 
 @dataclass(frozen=True)
+class Rebuilt:
+    epoch: int
+    ring: Ring
+
+
+@dataclass(frozen=True)
+class RebuildFailed:
+    epoch: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Message = Admit | Cancel | FromRing | Stop
+Message = Admit | Cancel | FromRing | Rebuilt | RebuildFailed | Stop
+
+
+# --- what a step did -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeqOutcome:
+    """What one verdict (or failure) did to a sequence."""
+
+    seq: Sequence
+    tokens: list[int]  # decided and appended this step
+    finish: str | None = None  # "stop", "length", "abort", or "error"
+
+
+@dataclass
+class StepOutput:
+    scheduled: list[Batch] = field(default_factory=list)
+    outcomes: list[SeqOutcome] = field(default_factory=list)
+    state: State = State.RUNNING
 
 
 @dataclass(frozen=True)
@@ -84,13 +140,14 @@ class InFlight:
     batch: Batch
     members: list[tuple[Sequence, Slice]]
     sent_at: float
+    replay: bool = False  # a replayed batch: rebuilds caches, decides nothing
 
 
 class EngineCore:
     def __init__(self, ring: Ring, tokenizer: Tokenizer, config: SchedulerConfig,
                  drafter: Drafter | None = None, policy: GammaPolicy | None = None,
                  metrics: Metrics | None = None, rebuilder: Rebuilder | None = None,
-                 batch_timeout_s: float = 600.0) -> None:
+                 batch_timeout_s: float = 600.0, cache_prompt: bool = True) -> None:
         self.ring = ring
         self.tokenizer = tokenizer
         self.config = config
@@ -99,24 +156,39 @@ class EngineCore:
         self.metrics = metrics or Metrics()
         self.rebuilder = rebuilder
         self.batch_timeout_s = batch_timeout_s
+        self.cache_prompt = cache_prompt
         self.parallel = ring.n_seq
         self.inbox: queue.Queue[Message] = queue.Queue()
-        self._step = threading.Lock()  # held while anything here changes
-        self._ready = threading.Event()  # set when the inbox gets a message
-        self._ring_down = False  # a submit found the ring lost: recovery is queued
+        self.state = State.RUNNING
         self.epoch = 0
         self.free_slots = list(range(self.parallel))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # by slot
-        self.in_flight: dict[int, InFlight] = {}
+        self.in_flight: dict[int, InFlight] = {}  # by batch id
         self.frees: set[int] = set()  # slots to clear on every stage with the next batch
+        # Free slots whose caches (every stage's, and the draft's) still hold a finished
+        # sequence's tokens: a new request that starts with them computes only the rest.
+        self.cached: dict[int, list[int]] = {}
+        self._used: dict[int, int] = {}  # slot → when it was last given out (LRU)
         self.timings: deque[BatchTiming] = deque(maxlen=4096)
         self._stage_series: dict[str, Any] = {}  # per-worker histogram children
         self._next_id = 1
+        self._owner: int | None = None  # the thread that steps
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._ring_down = False  # the current ring refused a submit: its loss is coming
+        self._lost_epoch = -1  # the epoch whose loss is being handled
+        self._rebuilding = False  # a rebuild thread is running
+        self._attempts = 0  # rebuilds tried since the ring was last running
+        self._retry_at: float | None = None  # when to try the next rebuild
+        self._replay: deque[list[Slice]] = deque()
+        # One long-lived thread for rebuilds: a worker process it restarts dies with the
+        # thread that started it (PR_SET_PDEATHSIG follows the thread, not the process).
+        self._rebuild_thread = ThreadPoolExecutor(1, thread_name_prefix="ring-rebuild")
+        self._lost_why = ""
         ring.connect(self._sink_for(self.epoch))
         self.metrics.slots_free.set(len(self.free_slots))
+        self._set_state(State.RUNNING)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -127,78 +199,96 @@ class EngineCore:
 
     def post(self, message: Message) -> None:
         self.inbox.put(message)
-        self._ready.set()
 
-    def _sink_for(self, epoch: int):  # type: ignore[no-untyped-def]
-        return lambda event: self._from_ring(FromRing(epoch, event))
-
-    def _from_ring(self, message: FromRing) -> None:
-        """A ring thread's event. A verdict that finds the loop waiting (the step lock
-        free) and nothing older queued is handled right here, and the next batch sent
-        from here: the loop's thread would have to wake first. Anything else — and
-        everything before start() or during a recovery, which holds the lock — queues."""
-        if isinstance(message.event, BatchDone) and self._thread is not None \
-                and self._step.acquire(blocking=False):
-            try:
-                if self.inbox.empty() and not self._stopping:
-                    self._guarded(self._handle, message)
-                    self._guarded(self._fill)
-                    return
-            finally:
-                self._step.release()
-        self.post(message)
+    def _sink_for(self, epoch: int) -> Sink:
+        return lambda event: self.post(FromRing(epoch, event))
 
     def _loop(self) -> None:
         while not self._stopping:
-            self._ready.clear()  # before draining: a message posted after it sets it again
-            with self._step:
-                while not self._stopping:
-                    try:
-                        message = self.inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._guarded(self._handle, message)
-                if self._stopping:
-                    return
-                self._guarded(self._fill)
-                self._guarded(self._check_deadlines)
-            self._ready.wait(timeout=1.0)
+            try:
+                self.step(self._wait_s())
+            except Exception:  # a bug in scheduling: what runs cannot go on safely
+                log.exception("engine step failed")
+                for seq in [*self.running.values(), *self.waiting]:
+                    self._finish(seq, error=ClusterError("the engine failed; see the "
+                                                         "server log"))
+        self._abort_all()
 
-    def _guarded(self, step: Any, *args: object) -> None:
+    def _wait_s(self) -> float:
+        if self._retry_at is None or self._rebuilding:
+            return 1.0
+        return min(max(self._retry_at - time.monotonic(), 0.0), 1.0)
+
+    def step(self, wait_s: float = 0.0) -> StepOutput:
+        """Apply what arrived (waiting up to `wait_s` for the first message), then fill
+        the free micro-batch slots. The only code that changes a sequence."""
+        if self._owner is None:
+            self._owner = threading.get_ident()
+        elif self._owner != threading.get_ident():
+            raise RuntimeError("EngineCore.step runs on one thread only")
+        out = StepOutput()
+        for message in self._take(wait_s):
+            self._apply(message, out)
+        if self._stopping:
+            return out
+        if self.state is State.RUNNING:
+            self._fill(out)
+        elif self._retry_at is not None and not self._rebuilding \
+                and time.monotonic() >= self._retry_at:
+            self._start_rebuild()
+        self._check_deadlines()
+        out.state = self.state
+        return out
+
+    def _take(self, wait_s: float) -> list[Message]:
         try:
-            step(*args)
-        except Exception as exc:  # a bug: fail what runs, keep the loop for the rest
-            log.exception("engine step failed")
-            for seq in [*self.running.values(), *self.waiting]:
-                self._finish(seq, error=exc)
+            messages = [self.inbox.get(timeout=wait_s) if wait_s > 0 else
+                        self.inbox.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                messages.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return messages
 
-    def _handle(self, message: Message) -> None:
+    def _apply(self, message: Message, out: StepOutput) -> None:
         if isinstance(message, Admit):
-            self.waiting.append(message.seq)
-            self.metrics.queue_depth.set(len(self.waiting))
+            message.seq.claim()
+            if self.state is State.DOWN:
+                self._finish(message.seq, error=ClusterUnavailable(
+                    f"the ring is down ({self._lost_why}); retry later"), out=out)
+            else:
+                self.waiting.append(message.seq)
+                self.metrics.queue_depth.set(len(self.waiting))
         elif isinstance(message, Cancel):
             if message.seq in self.waiting:
                 self.waiting.remove(message.seq)
                 self.metrics.queue_depth.set(len(self.waiting))
-            if not message.seq.done:
-                self._finish(message.seq, reason=message.reason)
+            self._finish(message.seq, reason=message.reason, out=out)
         elif isinstance(message, Stop):
             self._stopping = True
+        elif isinstance(message, Rebuilt):
+            self._rebuilt(message)
+        elif isinstance(message, RebuildFailed):
+            if message.epoch == self.epoch:
+                self._rebuilding = False
+                self._rebuild_failed(message.why)
         elif message.epoch == self.epoch:
             event = message.event
-            if isinstance(event, BatchDone):
-                self._update(event)
-            elif isinstance(event, BatchFailed):
-                self._refused(event)
+            if isinstance(event, RingLost):
+                self._lose(event.why)
+            elif isinstance(event, BatchDone):
+                self._update(event, out)
             else:
-                self._recover(event.why)
+                self._refused(event, out)
 
     def _check_deadlines(self) -> None:
         now = time.perf_counter()
         late = [f for f in self.in_flight.values() if now - f.sent_at > self.batch_timeout_s]
         if late:
-            self._recover(f"no answer for batch {late[0].batch.batch_id} in "
-                          f"{self.batch_timeout_s:.0f} s")
+            self._lose(f"no answer for batch {late[0].batch.batch_id} in "
+                       f"{self.batch_timeout_s:.0f} s")
 
     # --- schedule and submit -----------------------------------------------------------
 
@@ -207,23 +297,61 @@ class EngineCore:
             seq = self.waiting.popleft()
             if seq.done:
                 continue
-            seq.slot = self.free_slots.pop(0)
+            slot, reused = self._slot_for(seq)
+            self.free_slots.remove(slot)
+            self._used[slot] = self._next_id
+            self.cached.pop(slot, None)
+            self.frees.discard(slot)  # its first slice starts at `reused`: that clears it
+            seq.slot = slot
             seq.acceptance = self.policy.new_stats()
-            self.frees.discard(seq.slot)  # its first slice starts at 0: that clears it
-            self.running[seq.slot] = seq
+            seq.reuse(reused, self._prefix_history(seq, reused))
+            self.metrics.prompt_tokens_reused.inc(reused)
+            self.metrics.prompt_tokens_computed.inc(seq.n_prompt - reused)
+            self.running[slot] = seq
+        self._set_cached_metric()
         self.metrics.queue_depth.set(len(self.waiting))
         self.metrics.slots_free.set(len(self.free_slots))
         self.metrics.running.set(len(self.running))
 
-    def _fill(self) -> None:
+    def _fill(self, out: StepOutput) -> None:
         self._admit()
         while len(self.in_flight) < self.config.micro_batches and not self._ring_down:
             plan = schedule(list(self.running.values()), self.config, self._gamma)
-            if not plan and not self.frees:
-                return
-            if not plan and self.in_flight:
+            if not plan and (not self.frees or self.in_flight):
                 return  # frees ride along with the next real batch
-            self._submit(self._build(plan))
+            batch = self._build(plan, out)
+            if batch.slices:  # empty when every planned sequence's draft failed
+                self._submit(batch)
+                out.scheduled.append(batch)
+
+    def _slot_for(self, seq: Sequence) -> tuple[int, int]:
+        """The free slot for `seq`, and how many of its prompt's tokens that slot's caches
+        already hold (llama-server's slot choice by similarity): the longest cached
+        prefix if it covers at least half of what the slot holds; otherwise an empty slot,
+        or else the least recently used one — a warm slot is never evicted while an
+        empty one is free. At least the prompt's last token is computed (its logits)."""
+        prompt = seq.tokens
+        use = self.cache_prompt and seq.request.cache_prompt
+
+        def shared(slot: int) -> int:
+            return common_prefix(self.cached.get(slot, []), prompt) if use else 0
+
+        best = max(self.free_slots, key=lambda slot: (shared(slot), -self._used.get(slot, 0)))
+        held = len(self.cached.get(best, []))
+        if not held or 2 * shared(best) < held:
+            best = min(self.free_slots, key=lambda slot: (slot in self.cached,
+                                                         self._used.get(slot, 0), slot))
+        return best, min(shared(best), len(prompt) - 1)
+
+    def _prefix_history(self, seq: Sequence, reused: int) -> list[tuple[int, Slice]]:
+        """A reused prefix as replayable batches (in prompt-chunk pieces): a rebuilt
+        ring's caches are empty, and the batches that computed the prefix were another
+        request's."""
+        chunk = self.config.prefill_chunk
+        return [(self._new_batch_id(), Slice(seq=seq.slot, start=lo,
+                                             tokens=seq.tokens[lo:min(lo + chunk, reused)],
+                                             judge=False))
+                for lo in range(0, reused, chunk)]
 
     def _gamma(self, seq: Sequence, room: int, at_least: int = 0) -> int:
         if self.drafter is None:
@@ -233,11 +361,13 @@ class EngineCore:
         chosen = max(self.policy.choose(seq.acceptance, seq.stats.steps), at_least)
         return max(0, min(chosen, limit))
 
-    def _build(self, plan: list[Planned]) -> Batch:
-        drafts = self._drafts([p for p in plan if p.gamma > 0 and p.judge])
+    def _build(self, plan: list[Planned], out: StepOutput) -> Batch:
+        drafts = self._drafts([p for p in plan if p.gamma > 0 and p.judge], out)
         slices = []
         for p in plan:
             s = p.seq
+            if s.done:  # its draft failed
+                continue
             tokens = s.tokens[s.n_sent:s.n_sent + p.n_tokens]
             guesses, dists = drafts.get(s.slot, ([], []))
             slices.append(Slice(
@@ -246,70 +376,108 @@ class EngineCore:
                 step_seed=s.step_seed() if p.judge else 0, judge=p.judge))
         slices += [Slice(seq=slot, start=0, tokens=[], judge=False) for slot in self.frees]
         self.frees.clear()
-        batch_id, self._next_id = self._next_id, self._next_id + 1
-        return Batch(batch_id, slices)
+        return Batch(self._new_batch_id(), slices)
 
-    def _drafts(self, plan: list[Planned]) -> dict[int, tuple[list[int], list[SparseDist]]]:
+    def _drafts(self, plan: list[Planned], step: StepOutput
+                ) -> dict[int, tuple[list[int], list[SparseDist]]]:
         """Guesses for the planned sequences, one batched call; reused when a step is
-        sent again (after a worker loss), so a solo request's batches do not change."""
-        out: dict[int, tuple[list[int], list[SparseDist]]] = {}
+        sent again (after a worker loss), so a solo request's batches do not change. A
+        sequence whose drafting fails is ended alone."""
+        guesses: dict[int, tuple[list[int], list[SparseDist]]] = {}
         asks = []
         for p in plan:
             s = p.seq
             if s.last_draft is not None and s.last_draft[0] == len(s.tokens):
-                out[s.slot] = (s.last_draft[1][:p.gamma], s.last_draft[2][:p.gamma])
+                guesses[s.slot] = (s.last_draft[1][:p.gamma], s.last_draft[2][:p.gamma])
             else:
                 asks.append(DraftRequest(s.slot, s.tokens, p.gamma, s.request.sampling,
                                          draft_rng(s.step_seed())))
         if asks and self.drafter is not None:
             t0 = time.perf_counter()
-            for ask, draft in zip(asks, self.drafter.propose(asks), strict=True):
+            for ask, draft in zip(asks, self._propose(self.drafter, asks), strict=True):
                 seq = self.running[ask.seq]
+                if isinstance(draft, Exception):
+                    log.warning("drafting for sequence %d failed: %s", ask.seq, draft)
+                    self._finish(seq, error=ClusterError(f"drafting failed: {draft}"),
+                                 out=step)
+                    continue
                 seq.last_draft = (len(seq.tokens), draft.tokens, list(draft.dists))
-                out[ask.seq] = (draft.tokens, list(draft.dists))
+                guesses[ask.seq] = (draft.tokens, list(draft.dists))
             self.metrics.draft_ms.observe(1000 * (time.perf_counter() - t0))
-        return out
+        return guesses
 
-    def _submit(self, batch: Batch) -> None:
-        members = [(self.running[s.seq], s) for s in batch.slices if s.seq in self.running
-                   and s.tokens]
+    @staticmethod
+    def _propose(drafter: Drafter, asks: list[DraftRequest]) -> list[Draft | Exception]:
+        """One batched call; when it fails, one call per sequence, to find whose it is."""
+        try:
+            return list(drafter.propose(asks))
+        except Exception as exc:
+            if len(asks) == 1:
+                return [exc]
+        drafts: list[Draft | Exception] = []
+        for ask in asks:
+            try:
+                drafts.extend(drafter.propose([ask]))
+            except Exception as exc:
+                drafts.append(exc)
+        return drafts
+
+    def _submit(self, batch: Batch, replay: bool = False) -> None:
+        members = [] if replay else [(self.running[s.seq], s) for s in batch.slices
+                                     if s.seq in self.running and s.tokens]
         for seq, piece in members:
             seq.n_sent = piece.end - piece.n_draft
-            seq.in_flight += 1
             seq.judging = seq.judging or piece.judge
-        self.in_flight[batch.batch_id] = InFlight(batch, members, time.perf_counter())
+        self.in_flight[batch.batch_id] = InFlight(batch, members, time.perf_counter(), replay)
         self.metrics.batch_rows.observe(batch.n_rows)
+        if not replay:
+            self.metrics.batch_decode_rows.observe(sum(len(piece.tokens) for seq, piece
+                                                       in members if seq.decoding))
         try:
             self.ring.submit(batch)
-        except WorkerLost as exc:  # recovery runs on the loop's thread, this may be a ring's
+        except WorkerLost as exc:  # handled like the ring's own report of the loss
             self._ring_down = True
             self.post(FromRing(self.epoch, RingLost(str(exc))))
 
+    def _new_batch_id(self) -> int:
+        batch_id, self._next_id = self._next_id, self._next_id + 1
+        return batch_id
+
     # --- update from results -----------------------------------------------------------
 
-    def _update(self, done: BatchDone) -> None:
+    def _update(self, done: BatchDone, out: StepOutput) -> None:
         flight = self.in_flight.pop(done.result.batch_id, None)
         if flight is None:
+            return
+        if flight.replay:
+            self._send_replay()
             return
         self._observe_times(flight, done)
         verdicts = {r.seq: r for r in done.result.results}
         for seq, piece in flight.members:
-            seq.in_flight -= 1
             if seq.done:
                 continue
-            seq.history.append((flight.batch.batch_id, piece))  # replayed without verdicts
-            result = verdicts.get(piece.seq) if piece.judge else None
-            if piece.judge and result is None:
-                self._finish(seq, error=SpecshardError(
-                    f"the last worker sent no verdict for sequence {piece.seq}"))
-                continue
-            decided = seq.confirm(piece, result)
-            if result is not None:
-                self._decided(seq, piece, result, decided)
+            try:
+                seq.history.append((flight.batch.batch_id, piece))  # replayed if lost
+                self._verdict(seq, piece, verdicts.get(piece.seq) if piece.judge else None,
+                              out)
+            except Exception as exc:  # this sequence's failure, not its neighbours'
+                log.exception("a verdict for sequence %d failed", piece.seq)
+                self._finish(seq, error=exc if isinstance(exc, SpecshardError | ClusterError)
+                             else ClusterError(f"{type(exc).__name__}: {exc}"), out=out)
         self._set_kv_metric()
 
-    def _decided(self, seq: Sequence, piece: Slice, result: SeqResult, tokens: list[int]
-                 ) -> None:
+    def _verdict(self, seq: Sequence, piece: Slice, result: SeqResult | None,
+                 out: StepOutput) -> None:
+        if piece.judge and result is None:
+            raise ClusterError(f"the last worker sent no verdict for sequence {piece.seq}")
+        if result is not None and result.error:
+            raise ClusterError(f"the last worker could not judge this request: "
+                               f"{result.error}")
+        tokens = seq.confirm(piece, result)
+        self._set_kv_metric()  # before the text goes out: a reader of /metrics sees it
+        if result is None:
+            return
         now = time.perf_counter()
         st = seq.stats
         st.steps += 1
@@ -320,69 +488,40 @@ class EngineCore:
             st.prefill_s = now - seq.arrived
             seq.first_token_at = now
             self.metrics.ttft_s.observe(st.prefill_s)
-        emitted: list[int] = []
-        gaps: list[float] = []
-        text = ""
-        reason = None
-        for i, token in enumerate(tokens):
-            seq.tokens.append(token)
-            emitted.append(token)
-            gaps.append(result.top2_gaps[i])
-            st.n_tokens += 1
-            self.metrics.tokens_out.inc()
-            if self.tokenizer.is_end(token) and not seq.request.ignore_eos:
-                reason = "stop"
-                break
-            piece_text = seq.text.push(token)
-            text += seq.stop.push(piece_text)
-            if seq.stop.stopped:
-                reason = "stop"
-                break
-            forced = seq.request.guard.push(piece_text) if seq.request.guard else None
-            if forced:
-                added, added_text = self._force(seq, forced)
-                emitted += added
-                gaps += [0.0] * len(added)  # decided by the guard, not by a margin
-                text += seq.stop.push(added_text)
-                if seq.stop.stopped:
-                    reason = "stop"
-                    break
-            if seq.generated >= seq.request.max_tokens or len(seq.tokens) >= self.ring.n_ctx:
-                reason = "length"
-                break
-            if forced:
-                break
+        decided = seq.output.decide(tokens, result.top2_gaps)
+        seq.tokens.extend(decided.kept)
+        if decided.forced:
+            # What the model wrote after the token that triggered the guard never became
+            # a token: the caches drop it with the next slice.
+            seq.n_computed = min(seq.n_computed, len(seq.tokens))
+            seq.n_sent = seq.n_computed
+            seq.tokens.extend(decided.forced)
+        st.n_tokens += len(decided.tokens)
+        self.metrics.tokens_out.inc(len(decided.tokens))
         st.decode_s = now - seq.first_token_at
-        if text or emitted:
-            seq.sink(TextChunk(text, emitted, gaps if seq.request.with_gaps else []))
-        if reason is not None:
-            self._finish(seq, reason=reason)
+        if decided.text or decided.tokens:
+            seq.sink(TextChunk(decided.text, decided.tokens,
+                               decided.gaps if seq.request.with_gaps else [],
+                               result.logprobs[:len(decided.kept)]))
+        out.outcomes.append(SeqOutcome(seq, decided.tokens, decided.finish))
+        if decided.finish is not None:
+            self._finish(seq, reason=decided.finish)
 
-    def _force(self, seq: Sequence, text: str) -> tuple[list[int], str]:
-        """Append text the guard decided on, as far as max_tokens and the context allow;
-        what the model wrote after the token that triggered it was never appended, and
-        leaves the caches with the next slice."""
-        seq.n_computed = min(seq.n_computed, len(seq.tokens))
-        seq.n_sent = seq.n_computed
-        room = min(seq.request.max_tokens - seq.generated, self.ring.n_ctx - len(seq.tokens))
-        forced = self.tokenizer.encode(text, special=True, add_bos=False)[:max(room, 0)]
-        seq.tokens.extend(forced)
-        seq.stats.n_tokens += len(forced)
-        return forced, "".join(seq.text.push(token) for token in forced)
-
-    def _refused(self, failed: BatchFailed) -> None:
+    def _refused(self, failed: BatchFailed, out: StepOutput) -> None:
         """A worker refused a batch the engine built: a bug or a desync, not bad input
         (requests are checked before they are admitted). Its sequences fail; the rest go
-        on. Their slots are cleared everywhere before reuse."""
+        on. Their slots are cleared everywhere before reuse. A refused replay is a ring
+        that cannot be rebuilt this way: recovery tries again."""
         flight = self.in_flight.pop(failed.batch_id, None)
         if flight is None:
             return
-        error = SpecshardError(f"{failed.worker} refused a batch: {failed.message}")
+        if flight.replay:
+            self._lose(f"{failed.worker} refused a replayed batch: {failed.message}")
+            return
+        error = ClusterError(f"{failed.worker} refused a batch: {failed.message}")
         log.error("%s", error)
         for seq, _ in flight.members:
-            seq.in_flight -= 1
-            if not seq.done:
-                self._finish(seq, error=error)
+            self._finish(seq, error=error, out=out)
 
     def _observe_times(self, flight: InFlight, done: BatchDone) -> None:
         wall_ms = 1000 * (time.perf_counter() - flight.sent_at)
@@ -399,13 +538,15 @@ class EngineCore:
             self.metrics.hop_ms.observe(max(wall_ms - sum(done.stage_ms.values()), 0) / hops)
 
     def _set_kv_metric(self) -> None:
-        held = sum(s.n_computed for s in self.running.values())
-        self.metrics.kv_tokens.set(held)
+        self.metrics.kv_tokens.set(sum(s.n_computed for s in self.running.values()))
+
+    def _set_cached_metric(self) -> None:
+        self.metrics.kv_cached_tokens.set(sum(len(t) for t in self.cached.values()))
 
     # --- ending a sequence -------------------------------------------------------------
 
-    def _finish(self, seq: Sequence, reason: str = "stop",
-                error: BaseException | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str = "stop", error: BaseException | None = None,
+                out: StepOutput | None = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -413,83 +554,128 @@ class EngineCore:
             del self.running[seq.slot]
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
-            self.frees.add(seq.slot)
-            if self.drafter is not None:
-                self.drafter.release(seq.slot)
+            if self.cache_prompt and error is None:
+                # Positions below n_computed hold these tokens on every stage; batches
+                # still in flight only touch positions from their start on, ≥ n_computed.
+                self.cached[seq.slot] = seq.tokens[:min(seq.n_computed, len(seq.tokens))]
+            else:
+                self.frees.add(seq.slot)
+                if self.drafter is not None:
+                    self.drafter.release(seq.slot)
+            self._set_cached_metric()
+        self._set_kv_metric()
         self.metrics.slots_free.set(len(self.free_slots))
         self.metrics.running.set(len(self.running))
+        if out is not None:
+            out.outcomes.append(SeqOutcome(seq, [], "error" if error else reason))
         if error is not None:
-            self.metrics.requests_failed.inc()
+            cause = "client" if isinstance(error, SpecshardError) else "cluster"
+            self.metrics.requests_failed.labels(cause=cause).inc()
             seq.sink(Failed(error))
             return
-        tail = seq.stop.flush() if not seq.stop.stopped else ""
+        tail = seq.output.tail()
         if tail:
             seq.sink(TextChunk(tail, []))
         self.metrics.observe_stats(seq.stats)
-        seq.sink(Finished(reason, seq.n_prompt, seq.stats.n_tokens, seq.stats.as_dict(),
-                          seq.stats))
+        seq.sink(Finished(reason, seq.n_prompt, seq.stats.n_tokens, seq.stats))
+
+    def _abort_all(self) -> None:
+        """The loop stopped: nobody waits for an answer that will not come."""
+        for seq in [*self.running.values(), *self.waiting]:
+            self._finish(seq, reason="abort")
+        self.waiting.clear()
 
     # --- recovery ----------------------------------------------------------------------
 
-    def _recover(self, why: str) -> None:
-        """A worker is lost: rebuild the ring, replay every live sequence, carry on.
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        for s in State:
+            self.metrics.ring_state.labels(state=s.value).set(int(s is state))
 
-        The batches in flight are lost; their sequences resume from what the caches held
-        (`Sequence.rewind`). The replay re-sends each completed batch, restricted to the
-        live sequences, so a sequence that ran alone rebuilds bit-identical caches."""
-        self._ring_down = False
-        if self.rebuilder is None:
-            for seq in list(self.running.values()):
-                self._finish(seq, error=WorkerLost(why))
-            self.in_flight.clear()
-            return
-        log.warning("ring lost (%s): rebuilding and replaying %d sequences", why,
-                    len(self.running))
+    def _lose(self, why: str) -> None:
+        """The current ring is lost: its batches in flight are gone. Sequences resume
+        from what the caches surely held (`Sequence.rewind`) once a rebuilt ring has
+        been replayed into; meanwhile they wait and new requests queue."""
+        if self._lost_epoch == self.epoch:
+            return  # this ring's loss is already being handled
+        self._lost_epoch = self.epoch
+        self._lost_why = why
         self.in_flight.clear()
-        self.frees.clear()
+        self.frees.clear()  # a rebuilt ring starts with every cache empty
+        self.cached.clear()
+        self._set_cached_metric()
+        if self.drafter is not None:  # the draft's caches of idle slots go with them
+            for slot in self.free_slots:
+                self.drafter.release(slot)
+        self._replay.clear()
         for seq in self.running.values():
             seq.rewind()
-        for attempt in range(1, MAX_RECOVERIES + 1):
-            self.epoch += 1
+        if self.rebuilder is None:
+            log.error("ring lost (%s) and nothing can rebuild it", why)
+            self._give_up(WorkerLost(why), retry=False)
+            return
+        if self.state is State.RUNNING:
+            log.warning("ring lost (%s): rebuilding it, then replaying %d sequences", why,
+                        len(self.running))
+            self._attempts = 0
+        self._set_state(State.RECOVERING if self.state is not State.DOWN else State.DOWN)
+        self._start_rebuild()
+
+    def _start_rebuild(self) -> None:
+        self.epoch += 1
+        self._attempts += 1
+        self._rebuilding = True
+        self._retry_at = None
+        rebuilder, epoch = self.rebuilder, self.epoch
+        assert rebuilder is not None
+
+        def rebuild() -> None:
             try:
-                self.ring = self.rebuilder.rebuild(self._sink_for(self.epoch))
-                replay_batches(self.ring, list(self.running.values()), self._next_batch_id,
-                               self._replay_wait)
-                self.metrics.restarts.inc()
-                return
-            except (WorkerLost, SpecshardError) as exc:
-                log.warning("recovery attempt %d failed: %s", attempt, exc)
-                time.sleep(min(2.0 * attempt, 10.0))
-        error = WorkerLost(f"the ring failed {MAX_RECOVERIES} times in a row: {why}")
-        for seq in list(self.running.values()):
+                self.post(Rebuilt(epoch, rebuilder.rebuild(self._sink_for(epoch))))
+            except Exception as exc:  # the engine decides what to do: retry, or give up
+                self.post(RebuildFailed(epoch, f"{type(exc).__name__}: {exc}"))
+
+        self._rebuild_thread.submit(rebuild)
+
+    def _rebuilt(self, message: Rebuilt) -> None:
+        if message.epoch != self.epoch:  # a rebuild superseded by a newer one
+            message.ring.close()
+            return
+        self._rebuilding = False
+        self.ring = message.ring
+        self._ring_down = False
+        self._replay = deque(replay_plan(list(self.running.values())))
+        self._send_replay()
+
+    def _send_replay(self) -> None:
+        """Keep REPLAY_WINDOW replayed batches in flight; running again when all are
+        back."""
+        while self._replay and len(self.in_flight) < REPLAY_WINDOW and not self._ring_down:
+            self._submit(Batch(self._new_batch_id(), self._replay.popleft()), replay=True)
+        if not self._replay and not self.in_flight and not self._ring_down:
+            log.info("ring rebuilt after %d attempt(s); %d sequences replayed",
+                     self._attempts, len(self.running))
+            self.metrics.restarts.inc()
+            self._attempts = 0
+            self._set_state(State.RUNNING)
+
+    def _rebuild_failed(self, why: str) -> None:
+        log.warning("rebuilding the ring failed (attempt %d): %s", self._attempts, why)
+        if self.state is State.DOWN:
+            self._retry_at = time.monotonic() + DOWN_RETRY_S
+        elif self._attempts >= MAX_RECOVERIES:
+            self._give_up(WorkerLost(f"the ring could not be rebuilt ({self._attempts} "
+                                     f"attempts): {why}"), retry=True)
+        else:
+            self._retry_at = time.monotonic() + min(0.5 * 2 ** (self._attempts - 1), 10.0)
+
+    def _give_up(self, error: ClusterError, retry: bool) -> None:
+        """Fail what runs and waits (503: a client may retry); new requests get 503."""
+        for seq in [*self.running.values(), *self.waiting]:
             self._finish(seq, error=error)
-
-    def _next_batch_id(self) -> int:
-        batch_id, self._next_id = self._next_id, self._next_id + 1
-        return batch_id
-
-    def _replay_wait(self, batch_ids: set[int]) -> None:
-        """Wait until the replayed batches come back; keep other messages for later."""
-        kept: list[Message] = []
-        try:
-            while batch_ids:
-                message = self.inbox.get(timeout=self.batch_timeout_s)
-                if isinstance(message, FromRing):
-                    if message.epoch != self.epoch:
-                        continue
-                    event = message.event
-                    if isinstance(event, BatchDone):
-                        batch_ids.discard(event.result.batch_id)
-                        continue
-                    if isinstance(event, RingLost):
-                        raise WorkerLost(event.why)
-                    raise SpecshardError(f"replay refused by {event.worker}: {event.message}")
-                kept.append(message)
-        except queue.Empty:
-            raise WorkerLost("the replay got no answer") from None
-        finally:
-            for message in kept:
-                self.inbox.put(message)
+        self.waiting.clear()
+        self._set_state(State.DOWN)
+        self._retry_at = time.monotonic() + DOWN_RETRY_S if retry else None
 
     # --- calibration -------------------------------------------------------------------
 
@@ -499,20 +685,31 @@ class EngineCore:
         from these numbers, never from live timings. `probe`: a few real token ids."""
         if self._thread is not None:
             raise RuntimeError("calibrate before start()")
+        answers: queue.Queue[RingEvent] = queue.Queue()
+        self.ring.connect(answers.put)
 
         def timed(slices: list[Slice]) -> float:
-            batch = Batch(self._next_batch_id(), slices)
+            batch = Batch(self._new_batch_id(), slices)
             t0 = time.perf_counter()
             self.ring.submit(batch)
-            self._replay_wait({batch.batch_id})
+            try:
+                event = answers.get(timeout=self.batch_timeout_s)
+            except queue.Empty:
+                raise WorkerLost("the ring did not answer while measuring its costs") \
+                    from None
+            if not isinstance(event, BatchDone) or event.result.batch_id != batch.batch_id:
+                raise ClusterError(f"measuring the ring's costs failed: {event}")
             return time.perf_counter() - t0
 
-        n = len(probe)
-        timed([Slice(0, 0, probe[:-1], judge=False)])
-        one = [timed([Slice(0, n - 1, probe[-1:])]) for _ in range(repeats)]
-        many = [timed([Slice(0, n - 1, [*probe[-1:], *probe[:guesses]], n_draft=guesses)])
-                for _ in range(repeats)]
-        timed([Slice(0, 0, [], judge=False)])
+        try:
+            n = len(probe)
+            timed([Slice(0, 0, probe[:-1], judge=False)])
+            one = [timed([Slice(0, n - 1, probe[-1:])]) for _ in range(repeats)]
+            many = [timed([Slice(0, n - 1, [*probe[-1:], *probe[:guesses]], n_draft=guesses)])
+                    for _ in range(repeats)]
+            timed([Slice(0, 0, [], judge=False)])
+        finally:
+            self.ring.connect(self._sink_for(self.epoch))
         draft = 0.0
         if self.drafter is not None:
             sampling = SamplingParams()
@@ -544,3 +741,4 @@ class EngineCore:
         self.post(Stop())
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._rebuild_thread.shutdown(wait=False, cancel_futures=True)

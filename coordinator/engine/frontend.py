@@ -14,11 +14,12 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 
-from cluster.errors import SpecshardError
-from coordinator.engine.core import Admit, Cancel, EngineCore
+from cluster.errors import ClusterUnavailable, SpecshardError
+from coordinator.engine.core import Admit, Cancel, EngineCore, State
+from coordinator.engine.output import Output
 from coordinator.engine.request import (
     ContextExceeded,
     Event,
@@ -32,7 +33,7 @@ from coordinator.engine.request import (
 )
 from coordinator.engine.sequence import Sequence
 from coordinator.metrics import Metrics
-from coordinator.tokenizer import TextStream, Tokenizer
+from coordinator.tokenizer import Tokenizer
 
 
 @dataclass
@@ -64,6 +65,12 @@ class Engine:
         return self.core.parallel
 
     @property
+    def outstanding(self) -> int:
+        """Requests admitted and not ended yet (running or waiting)."""
+        with self._lock:
+            return len(self._outstanding)
+
+    @property
     def n_ctx(self) -> int:
         return self.core.ring.n_ctx
 
@@ -84,13 +91,16 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> Sequence:
         """Admit a request; its events go to `sink`, one at a time, from the core's
-        thread or from a ring reader's thread that stepped the core (core.py)."""
+        thread."""
         self.check(request)
+        if self.core.state is State.DOWN:
+            raise ClusterUnavailable("the ring is down: a worker is lost and could not be "
+                                     "replaced yet; retry later")
         with self._lock:
             waiting = len(self._outstanding) - self.parallel
             if waiting >= self.queue_size:
                 raise QueueFull(f"{max(waiting, 0)} requests are already waiting; retry later")
-            seq = Sequence(request, sink, TextStream(self.tokenizer))
+            seq = Sequence(request, sink, Output(request, self.tokenizer, self.n_ctx))
             seq.sink = self._tracked(seq, sink)
             self._outstanding.add(seq)
         self.metrics.tokens_in.inc(len(request.prompt))
@@ -134,15 +144,19 @@ class Engine:
             if not seq.done:
                 self.cancel(seq)
 
-    def generate(self, request: GenerationRequest) -> Generation:
+    def generate(self, request: GenerationRequest,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """The whole output; `on_text` sees the text as it comes (a CLI echoes it)."""
         tokens, gaps, text = [], [], []
         for event in self.run(request):
             if isinstance(event, TextChunk):
                 tokens += event.token_ids
                 gaps += event.top2_gaps
                 text.append(event.text)
+                if on_text is not None and event.text:
+                    on_text(event.text)
             elif isinstance(event, Finished):
-                return Generation(tokens, "".join(text), event.finish_reason, event.detail,
+                return Generation(tokens, "".join(text), event.finish_reason, event.stats,
                                   gaps)
         raise SpecshardError("the engine stopped without finishing")  # pragma: no cover
 
@@ -173,16 +187,20 @@ class Engine:
     # --- shutdown ----------------------------------------------------------------------
 
     def drain(self, timeout_s: float = 30.0) -> None:
-        """End every request now (finish reason "abort") and wait until all have ended."""
+        """Let running and waiting requests end by themselves for up to `timeout_s`, then
+        end the rest (finish reason "abort") and wait until they have."""
+        deadline = time.monotonic() + timeout_s
         with self._lock:
+            while self._outstanding and time.monotonic() < deadline:
+                self._idle.wait(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
             pending = list(self._outstanding)
         for seq in pending:
             self.cancel(seq)
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + 10.0
         with self._lock:
             while self._outstanding and time.monotonic() < deadline:
                 self._idle.wait(timeout=0.2)
 
-    def close(self) -> None:
-        self.drain()
+    def close(self, drain_timeout_s: float = 0.0) -> None:
+        self.drain(drain_timeout_s)
         self.core.stop()

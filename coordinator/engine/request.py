@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster.errors import SpecshardError
+from cluster.messages import TokenLogprobs
 from cluster.sampling import SamplingParams
 
 
@@ -39,11 +40,13 @@ class GenerationRequest:
     guard: TextGuard | None = None
     with_gaps: bool = False  # events carry each token's top-2 logit gap (tests, benches)
     ignore_eos: bool = False  # decode past end tokens (fixed lengths for benchmarks)
+    cache_prompt: bool = True  # may start from a slot's cached prefix (llama-server's)
 
 
 @dataclass
 class Stats:
     n_prompt_tokens: int = 0
+    n_cached_tokens: int = 0  # of the prompt, found in the slot's caches (not computed)
     n_tokens: int = 0
     steps: int = 0  # judged slices: the prompt's last chunk, then one per decode step
     prefill_s: float = 0.0  # arrival → first token
@@ -78,6 +81,7 @@ class Stats:
             "tok_s": round(self.tok_s, 3), "prompt_tok_s": round(self.prompt_tok_s, 3),
             "ttft_s": round(self.prefill_s, 3),
             "n_tokens": self.n_tokens, "n_prompt_tokens": self.n_prompt_tokens,
+            "n_cached_tokens": self.n_cached_tokens,
             "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 3),
             "acceptance_by_position": [round(a / p, 3) if p else 0.0
                                        for a, p in zip(self.accepted, self.proposed,
@@ -93,6 +97,9 @@ class TextChunk:
     text: str  # newly visible text (may be empty while a stop string is possible)
     token_ids: list[int]
     top2_gaps: list[float] = field(default_factory=list)
+    # The model's tokens' logprobs when the request asked (SamplingParams.logprobs): one
+    # per token of token_ids the model wrote (text a guard forced after them has none).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,7 @@ class Finished:
     finish_reason: str
     n_prompt_tokens: int
     n_completion_tokens: int
-    stats: dict[str, object] = field(default_factory=dict)  # `detail`, as JSON
-    detail: Stats = field(default_factory=Stats)
+    stats: Stats = field(default_factory=Stats)
 
 
 @dataclass(frozen=True)
@@ -114,29 +120,3 @@ class Failed:
 
 Event = TextChunk | Finished | Failed
 EventSink = Callable[[Event], None]
-
-
-class StopText:
-    """Cuts the text at the first stop string; holds back what may be the start of one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, text: str) -> str:
-        self.pending += text
-        for stop in self.stops:
-            at = self.pending.find(stop)
-            if at >= 0:
-                self.stopped = True
-                out, self.pending = self.pending[:at], ""
-                return out
-        cut = max(len(self.pending) - self.hold, 0)
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out

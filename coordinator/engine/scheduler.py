@@ -8,9 +8,13 @@ then chunks of prompts, under a token budget. The rules, and why:
 - While any sequence is decoding, a long prompt arrives in chunks that ride along with
   the decode rows instead of stalling them (chunked prefill, as llama-server and vLLM
   do): a batch holds at most `max_batch_tokens` rows, and no more than makes it last
-  `max_stall` times a decode-only batch, by the ring's costs measured at start
-  (t(rows) = a + b·rows). On a GPU a few hundred rows cost little more than one; on a
-  CPU every row costs, and the bound keeps the streams' inter-token latency.
+  `max_stall` times the decode-only batch the streams will make with the prompts that
+  are one chunk from their first token — ⌈(decoding + those) ÷ micro_batches⌉ rows, or
+  this batch's own decode rows if more — by the ring's costs measured at start
+  (t(rows) = a + b·rows). A time budget per batch, as Sarathi-Serve's token budget from
+  an inter-token-latency target: one long prompt cannot stretch the streams' steps,
+  while short prompts arriving beside a few streams are not prefilled a row at a time.
+  On a GPU a few hundred rows cost little more than one; on a CPU every row costs.
   With nobody decoding, a prompt goes in `prefill_chunk` pieces, several in flight back
   to back, so stage 0 computes chunk c+1 while stage 1 computes chunk c.
 - A sequence decoded alone always gets the same batches: chunk boundaries at multiples
@@ -92,7 +96,11 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
     plan = _one_shape(plan, config, gamma_of, budget)
     budget = config.max_batch_tokens - sum(p.rows for p in plan) if decoding else sys.maxsize
     if decoding and config.row_cost is not None:
-        budget = min(budget, _prompt_rows(plan, config, cap))
+        # Prompts one chunk from their first token decode beside the streams soon.
+        soon = sum(not s.decoding and not s.done and s.pending <= config.prefill_chunk
+                   for s in running)
+        load = math.ceil((len(decoding) + soon) / config.micro_batches)
+        budget = min(budget, _prompt_rows(plan, config, max(cap, load)))
     for s in sorted((s for s in running if not s.decoding and s.ready),
                     key=lambda s: s.arrived):
         n = min(s.pending, config.prefill_chunk, budget)
@@ -120,12 +128,12 @@ def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
     return raised
 
 
-def _prompt_rows(plan: list[Planned], config: SchedulerConfig, cap: int) -> int:
+def _prompt_rows(plan: list[Planned], config: SchedulerConfig, load: int) -> int:
     """Prompt rows the batch may add while sequences decode: its time stays within
-    max_stall of a decode-only batch (this one's, or one of `cap` rows when its
-    sequences are all in flight). At least one row: a prompt is never starved."""
+    max_stall of a decode-only batch of `load` rows (or of this batch's own decode rows,
+    when that costs more). At least one row: a prompt is never starved."""
     a, b = config.row_cost or (0.0, 0.0)
     lengths = [p.rows for p in plan]
-    reference = config.cost(lengths) if lengths else config.cost([1] * cap)
+    reference = max(config.cost(lengths) if lengths else 0.0, config.cost([1] * load))
     room = config.max_stall * reference - config.cost(lengths) - a  # a call of its own
-    return max(int(room / b) if b > 0 else config.max_batch_tokens, 1)
+    return max(int(room / b + 1e-9) if b > 0 else config.max_batch_tokens, 1)

@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 
 from cluster.messages import SeqResult, Slice
 from cluster.sampling import SparseDist
-from coordinator.engine.request import EventSink, GenerationRequest, Stats, StopText
+from coordinator.engine.output import Output
+from coordinator.engine.ownership import Owned
+from coordinator.engine.request import EventSink, GenerationRequest, Stats
 from coordinator.speculation.gamma import AcceptanceStats
-from coordinator.tokenizer import TextStream
 
 
 @dataclass(eq=False)  # compared and hashed by identity: one object per request
-class Sequence:
+class Sequence(Owned):
+    """Written only by the engine's step once admitted (`Owned` checks it in tests)."""
+
     request: GenerationRequest
     sink: EventSink
-    text: TextStream
+    output: Output
     arrived: float = field(default_factory=time.perf_counter)
     slot: int = -1  # the sequence id in every stage, while running
     tokens: list[int] = field(default_factory=list)
@@ -31,11 +34,9 @@ class Sequence:
     n_computed: int = 0
     n_sent: int = 0
     judging: bool = False  # a judged slice is in flight: the next tokens wait for it
-    in_flight: int = 0  # batches in flight holding a slice of this sequence
     done: bool = False
     stats: Stats = field(default_factory=Stats)
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
-    stop: StopText = field(default_factory=lambda: StopText(()))
     history: list[tuple[int, Slice]] = field(default_factory=list)  # completed, for replay
     first_token_at: float = 0.0
     last_draft: tuple[int, list[int], list[SparseDist]] | None = None  # (at, tokens, dists)
@@ -46,7 +47,6 @@ class Sequence:
         self.seed_base = random.getrandbits(62) if seed is None else seed
         self.tokens = list(self.request.prompt)
         self.n_prompt = len(self.tokens)
-        self.stop = StopText(self.request.stop)
         self.stats.n_prompt_tokens = self.n_prompt
 
     @property
@@ -91,8 +91,14 @@ class Sequence:
         self.n_sent = kept
         return result.tokens
 
+    def reuse(self, held: int, prefix: list[tuple[int, Slice]]) -> None:
+        """The slot's caches already hold the first `held` tokens (a cached prompt):
+        only the rest is sent; `prefix` replays them after a worker loss."""
+        self.n_computed = self.n_sent = held
+        self.stats.n_cached_tokens = held
+        self.history = list(prefix)
+
     def rewind(self) -> None:
         """The batches in flight are lost: send again from what the ring surely holds."""
         self.n_sent = self.n_computed
         self.judging = False
-        self.in_flight = 0

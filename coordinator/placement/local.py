@@ -20,7 +20,7 @@ from cluster.errors import SpecshardError
 
 START_TIMEOUT_S = 60.0
 # Co-located llama.cpp processes: OpenMP threads spin after every op and starve each
-# other (ANCHORS.md: two 2-thread workers on 2 cores, 14 → 20 tok/s with this).
+# other (docs/build.md, "Idle threads").
 SPIN_POLICY = {"GOMP_SPINCOUNT": "10000"}
 
 

@@ -49,7 +49,7 @@ class WorkerActor:
         # default puts the fastest GPU first). Set before the stage initialises CUDA.
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         # By name: the worker's code runs in the actor's process, and the coordinator
-        # does not import the worker package (STYLE.md: roles do not import each other).
+        # does not import the worker package (docs/architecture.md: roles do not import each other).
         server = importlib.import_module("worker.server")
         options = importlib.import_module("worker.options")
         host = host or ray.util.get_node_ip_address()

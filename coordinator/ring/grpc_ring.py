@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 import grpc.experimental
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cluster import trace
 from cluster.auth import TlsFiles, call_metadata, split_address
 from cluster.errors import SpecshardError
-from cluster.messages import Activations, Batch, BatchResult, LoadSpec, NodeInfo, Peer
+from cluster.messages import Activations, Batch, LoadSpec, NodeInfo, Peer
 from cluster.wire import worker_pb2 as pb
 from cluster.wire import worker_pb2_grpc as pb_grpc
 from cluster.wire_convert import (
@@ -35,39 +35,13 @@ from cluster.wire_convert import (
     progress_from_wire,
     result_from_wire,
 )
+from coordinator.ring.contract import BatchDone, BatchFailed, RingLost, Sink, WorkerLost
 
 log = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 30.0
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-class WorkerLost(SpecshardError):
-    """A worker stopped answering: the batches in flight are lost (recovery replays)."""
-
-
-@dataclass(frozen=True)
-class BatchDone:
-    result: BatchResult
-    stage_ms: dict[str, float]  # compute time per worker, by address
-    busy_ms: dict[str, float]  # arrival → handed on, per non-last worker
-
-
-@dataclass(frozen=True)
-class BatchFailed:
-    """A worker refused the batch whole (its caches unchanged): a bug or a bad request."""
-
-    batch_id: int
-    code: grpc.StatusCode
-    message: str
-    worker: str
-
-
-@dataclass(frozen=True)
-class RingLost:
-    why: str
-
-
-RingEvent = BatchDone | BatchFailed | RingLost
 
 
 class WorkerClient:
@@ -140,7 +114,7 @@ class WorkerClient:
         self.channel.close()
 
 
-def rpc_error(address: str, exc: grpc.RpcError) -> SpecshardError:
+def rpc_error(address: str, exc: grpc.RpcError) -> Exception:
     code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return SpecshardError(f"worker {address} refused the token: {details}")
@@ -165,7 +139,7 @@ class GrpcRing:
         self._owns_clients = clients is None
         self.workers = clients or [WorkerClient(a, token, tls) for a in addresses]
         self.specs: list[LoadSpec] = []
-        self._sink: Callable[[RingEvent], None] = lambda _event: None
+        self._sink: Sink = lambda _event: None
         self._outbox: queue.Queue[pb.ForwardMessage | None] = queue.Queue()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -189,9 +163,18 @@ class GrpcRing:
                 for w, s in zip(self.workers, specs, strict=True)]
 
         def load_one(i: int) -> None:
+            logged: set[tuple[str, int]] = set()
+
             def show(phase: str, fraction: float, detail: str) -> None:
                 bars[i].n = int(100 * fraction) if phase == "CUT" else 100
                 bars[i].set_postfix_str(phase.lower())
+                # The log (a journal under systemd, the status page) gets each phase, and
+                # a cut's progress by quarters: a bar only shows on a terminal.
+                step = (phase, int(4 * fraction) if phase == "CUT" else 0)
+                if step not in logged:
+                    logged.add(step)
+                    log.info("%s layers %d-%d: %s %s", self.workers[i].address,
+                             specs[i].begin, specs[i].end, phase.lower(), detail)
 
             self.workers[i].load(chained[i], show)
 
@@ -204,7 +187,7 @@ class GrpcRing:
                 bar.close()
         self.specs = chained
 
-    def connect(self, sink: Callable[[RingEvent], None]) -> None:
+    def connect(self, sink: Sink) -> None:
         """Subscribe to every worker's results, then open the stream into worker 0.
 
         Called again, it only changes where the outcomes go (a new engine on the ring)."""
@@ -248,9 +231,9 @@ class GrpcRing:
                 trace.mark("read", reply.batch_id)
                 self._on_reply(worker, reply)
             # A worker never ends this call itself: its answers would stop coming.
-            self._lose(f"worker {worker} ended its results stream")
-        except grpc.RpcError as exc:  # ignored once the ring is closing (see `_lose`)
-            self._lose(f"worker {worker} stopped: {exc.details()}")  # type: ignore[attr-defined]
+            self.lose(f"worker {worker} ended its results stream")
+        except grpc.RpcError as exc:  # ignored once the ring is closing (see `lose`)
+            self.lose(f"worker {worker} stopped: {exc.details()}")  # type: ignore[attr-defined]
         finally:
             self._subscribed[i].set()  # nobody waits out the timeout for a dead stream
 
@@ -259,7 +242,7 @@ class GrpcRing:
             for _ in call:
                 pass
         except grpc.RpcError as exc:
-            self._lose(f"the stream to {self.addresses[0]} ended: "
+            self.lose(f"the stream to {self.addresses[0]} ended: "
                        f"{exc.details()}")  # type: ignore[attr-defined]
 
     def _on_reply(self, worker: str, reply: pb.ForwardReply) -> None:
@@ -268,9 +251,9 @@ class GrpcRing:
             e = reply.error
             code = _CODES.get(e.code, grpc.StatusCode.UNKNOWN)
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                self._lose(f"{e.worker}: {e.message}")
+                self.lose(f"{e.worker}: {e.message}")
             else:
-                self._sink(BatchFailed(reply.batch_id, code, e.message, e.worker))
+                self._sink(BatchFailed(reply.batch_id, code.name, e.message, e.worker))
             return
         if outcome is None:
             return  # nothing to act on (no worker sends these today)
@@ -280,7 +263,8 @@ class GrpcRing:
         self._sink(BatchDone(result, {a: s for a, (s, _) in named},
                              {a: b for a, (_, b) in named[:-1]}))
 
-    def _lose(self, why: str) -> None:
+    def lose(self, why: str) -> None:
+        """Mark the ring lost (once) and tell the engine: its batches in flight are gone."""
         with self._lock:
             if self._lost or self._closed:
                 return

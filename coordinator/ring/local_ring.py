@@ -7,19 +7,18 @@ computed at once in the caller's thread, hidden states passed in memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from cluster.errors import InvalidForward
-from cluster.judge import judge
+from cluster.judge import judge_all
 from cluster.llama.stage import Stage, StageConfig
 from cluster.messages import Batch, BatchResult
 from cluster.model_info import KvType
+from cluster.rope import RopeParams
 from cluster.stage_cut import StageSpec, cut_stage
-from coordinator.ring.grpc_ring import BatchDone, BatchFailed, RingEvent
+from coordinator.ring.contract import BatchDone, BatchFailed, Sink
 
 
 class LocalRing:
@@ -28,12 +27,12 @@ class LocalRing:
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
         self.addresses = [f"local:{s.begin}-{s.end}" for s in stages]
-        self._sink: Callable[[RingEvent], None] = lambda _event: None
+        self._sink: Sink = lambda _event: None
 
     @classmethod
     def load(cls, model: Path, specs: list[StageSpec], n_ctx: int = 4096,
              n_seq_max: int = 1, n_threads: int = 2, kv: KvType = KvType.F16,
-             progress: bool = False) -> LocalRing:
+             progress: bool = False, rope: RopeParams | None = None) -> LocalRing:
         stages: list[Stage] = []
         try:
             for spec in specs:
@@ -41,7 +40,7 @@ class LocalRing:
                 stages.append(Stage(StageConfig(
                     stage_path=path, model_path=model if spec.is_first else None,
                     n_ctx=n_ctx, n_seq_max=n_seq_max, n_threads=n_threads, type_k=kv,
-                    type_v=kv, flash_attn=kv is not KvType.F16)))
+                    type_v=kv, flash_attn=kv is not KvType.F16, rope=rope)))
         except BaseException:
             for stage in stages:
                 stage.close()
@@ -56,7 +55,7 @@ class LocalRing:
     def n_seq(self) -> int:
         return min(s.config.n_seq_max for s in self.stages)
 
-    def connect(self, sink: Callable[[RingEvent], None]) -> None:
+    def connect(self, sink: Sink) -> None:
         self._sink = sink
 
     def logits(self, batch: Batch) -> tuple[list[np.ndarray], dict[str, float]]:
@@ -82,11 +81,10 @@ class LocalRing:
         try:
             rows, times = self.logits(batch)
         except InvalidForward as exc:
-            self._sink(BatchFailed(batch.batch_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc),
+            self._sink(BatchFailed(batch.batch_id, "INVALID_ARGUMENT", str(exc),
                                    self.addresses[0]))
             return
-        verdicts = [judge(s, r) for s, r in zip(batch.slices, rows, strict=True)
-                    if s.judge and s.tokens]
+        verdicts = judge_all(batch.slices, rows, self.stages[-1].tokens)
         self._sink(BatchDone(BatchResult(batch.batch_id, verdicts), times, {}))
 
     def truncate_all(self, seqs: list[int], length: int = 0) -> None:

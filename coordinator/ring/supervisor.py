@@ -9,21 +9,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
 from cluster.auth import TlsFiles
-from cluster.errors import SpecshardError
 from cluster.messages import LoadSpec, NodeInfo
 from cluster.planning.plans import Plan
+from cluster.rope import RopeParams
 from coordinator.metrics import Metrics
-from coordinator.placement.plan import load_specs, plan_ring
-from coordinator.ring.grpc_ring import GrpcRing, RingEvent, WorkerClient
+from coordinator.placement.plan import check_loaded, load_specs, plan_ring
+from coordinator.ring.contract import Sink, WorkerLost
+from coordinator.ring.grpc_ring import GrpcRing, WorkerClient
 
 log = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 120.0
+# A worker answers health checks from its event loop while its stage computes on
+# another thread (worker/server.py), so a slow batch does not delay the answer.
 HEALTH_TIMEOUT_S = 3.0
 
 
@@ -51,8 +53,10 @@ class WorkerSet(Protocol):
 class StaticWorkers:
     """Workers someone else runs (`--worker HOST:PORT`): a lost one is waited for."""
 
-    def __init__(self, addresses: list[str], token: str | None, tls: TlsFiles | None) -> None:
+    def __init__(self, addresses: list[str], token: str | None, tls: TlsFiles | None,
+                 wait_s: float = RESTART_TIMEOUT_S) -> None:
         self.addresses, self.token, self.tls = list(addresses), token, tls
+        self.wait_s = wait_s
 
     def dead(self) -> list[int]:
         return []
@@ -60,10 +64,11 @@ class StaticWorkers:
     def restart(self, i: int) -> str:
         client = WorkerClient(self.addresses[i], self.token, self.tls)
         try:
-            deadline = time.monotonic() + RESTART_TIMEOUT_S
+            deadline = time.monotonic() + self.wait_s
             while not client.healthy():
                 if time.monotonic() > deadline:
-                    raise SpecshardError(f"worker {self.addresses[i]} did not come back")
+                    raise WorkerLost(f"worker {self.addresses[i]} did not come back within "
+                                     f"{self.wait_s:.0f} s")
                 time.sleep(0.5)
         finally:
             client.close()
@@ -79,8 +84,11 @@ class StaticWorkers:
 class RingSupervisor:
     def __init__(self, workers: WorkerSet, model: Path, model_ref: str, ctx: int,
                  parallel: int, n_threads: int, metrics: Metrics | None = None,
-                 draft: Path | None = None, specs: list[LoadSpec] | None = None) -> None:
+                 draft: Path | None = None, specs: list[LoadSpec] | None = None,
+                 health_timeout_s: float = HEALTH_TIMEOUT_S, rope: RopeParams | None = None
+                 ) -> None:
         self.workers = workers
+        self.rope = rope
         self.model, self.model_ref, self.draft = model, model_ref, draft
         self.ctx, self.parallel, self.n_threads = ctx, parallel, n_threads
         self.metrics = metrics or Metrics()
@@ -89,7 +97,7 @@ class RingSupervisor:
         self.infos: list[NodeInfo] = []
         self.ring: GrpcRing | None = None
         self.restarts = 0
-        self.generation = 0  # +1 per rebuild; the engine's epoch follows it
+        self.health_timeout_s = health_timeout_s
         self.health: list[bool] = []
         self._clients: list[WorkerClient] = []
         self._lock = threading.Lock()  # a rebuild and a health check never interleave
@@ -105,10 +113,11 @@ class RingSupervisor:
         self.infos = [c.node_info() for c in self._clients]
         if not self.specs:
             self.plan = plan_ring(self.model, self.workers.addresses, self.infos, self.ctx,
-                                  self.parallel, self.draft)
-            self.specs = load_specs(self.plan, self.model_ref, self.n_threads)
+                                  self.parallel, self.draft, self.rope)
+            self.specs = load_specs(self.plan, self.model_ref, self.n_threads, self.rope)
         self.ring = self._load(progress)
         self.infos = self.ring.node_infos()  # now with the stages (and their capture)
+        check_loaded(self.specs, self.infos, self.workers.addresses)
         self.health = [True] * len(self.specs)
         return self.ring
 
@@ -125,15 +134,14 @@ class RingSupervisor:
     def unhealthy(self) -> list[int]:
         bad = set(self.workers.dead())
         for i, client in enumerate(self._clients):
-            if i not in bad and not client.healthy(timeout_s=HEALTH_TIMEOUT_S):
+            if i not in bad and not client.healthy(timeout_s=self.health_timeout_s):
                 bad.add(i)
         self.health = [i not in bad for i in range(len(self._clients))]
         return sorted(bad)
 
-    def rebuild(self, sink: Callable[[RingEvent], None]) -> GrpcRing:
+    def rebuild(self, sink: Sink) -> GrpcRing:
         """Restart what is lost, reload and reconnect the ring, clear every cache."""
         with self._lock:
-            self.generation += 1
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
@@ -158,20 +166,19 @@ class RingSupervisor:
 
     # --- watching ----------------------------------------------------------------------
 
-    def watch(self, on_loss: Callable[[int, str], None], every_s: float = 1.0) -> None:
-        """Check the workers in the background; `on_loss(generation, why)` when one is gone.
-
-        The generation says which ring the loss was seen on, so a loss reported while a
-        rebuild was already replacing that ring is recognised as old news."""
+    def watch(self, every_s: float = 1.0) -> None:
+        """Check the workers in the background; a worker found gone loses the ring it
+        belongs to (`GrpcRing.lose`), which tells the engine through the ring's own sink
+        — so a loss seen on a ring that a rebuild already replaced is never reported."""
         def loop() -> None:
             while not self._stop.wait(every_s):
                 try:
                     with self._lock:
                         bad = self.unhealthy()
-                        generation = self.generation
-                    if bad:
-                        on_loss(generation, "worker(s) " + ", ".join(
-                            self.workers.addresses[i] for i in bad) + " stopped answering")
+                        ring = self.ring
+                    if bad and ring is not None:
+                        ring.lose("worker(s) " + ", ".join(self.workers.addresses[i]
+                                                           for i in bad) + " stopped answering")
                 except Exception:  # a failed check is retried at the next tick
                     log.exception("worker check failed")
 
@@ -193,6 +200,9 @@ class RingSupervisor:
                 "gpu_note": info.host.gpu_error if info else None,
                 "capture": (info.capture or None) if info else None,
                 "stage": asdict(self.specs[i]) if i < len(self.specs) else None,
+                # what the worker says it computes with (checked against the plan's)
+                "rope": asdict(info.stage.rope) if info and info.stage and info.stage.rope
+                else None,
             })
         return {"nodes": nodes, "plan": self.plan.to_json() if self.plan else None,
                 "restarts": self.restarts}

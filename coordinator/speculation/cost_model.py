@@ -137,8 +137,9 @@ def stage_read_bytes(info: ModelInfo, specs: list[StageSpec]) -> list[float]:
                   + (info.lm_head_bytes if s.is_last else 0)) for s in specs]
 
 
-# QwQ-32B: 64 layers, 8 KV heads × 128, n_embd 5120 (ARCHITECTURE.md); Q4_K_H 17.9e9
-# bytes (ANCHORS.md). RTX 4070: 504 GB/s. KV q8_0 on all layers: 64 · 2·8·128 · 34/32 B.
+# QwQ-32B: 64 layers, 8 KV heads × 128, n_embd 5120; Q4_K_H 17.9e9 bytes
+# (docs/architecture.md, "Numbers"). RTX 4070: 504 GB/s. KV q8_0 on all layers:
+# 64 · 2·8·128 · 34/32 B.
 QWQ_BYTES = 17.9e9
 QWQ_KV_Q8_PER_TOKEN = 64 * 2 * 8 * 128 * KvType.Q8_0.bytes_per_value
 # Estimate, not measured: 16 GFLOP/token (half of 2·32e9 per node) at ~18 TFLOP/s that

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +14,10 @@ import numpy as np
 
 from cluster.errors import SpecshardError
 from cluster.gguf_file import GGUFHeader, read_header
-from cluster.llama.backend import free, init_backend, logits_row
-from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
-from coordinator.speculation.drafting import Draft, DraftRequest
+from cluster.llama.backend import free, logits_row
+from cluster.llama.context import ContextConfig, decode_calls, open_context
+from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample, transform
+from coordinator.speculation.drafting import Draft, DraftRequest, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +81,23 @@ class DraftConfig:
     dist_top: int = 64
 
 
-def draft_dist(row: np.ndarray, sampling: SamplingParams, limit: int) -> SparseDist:
-    """The draft's filtered distribution over its `limit` likeliest tokens.
+def draft_dist(row: np.ndarray, sampling: SamplingParams, limit: int,
+               tokens: Sequence[int] = ()) -> SparseDist:
+    """The draft's filtered distribution over its `limit` likeliest tokens, after the
+    request's logit bias and penalties over `tokens` (the sequence so far, the guesses
+    before this one included: the target's row for this guess is penalised alike).
 
     The rule is exact for any draft distribution, provided the guess is drawn from the
     one sent with it; so the cut costs only the tail's acceptance. It bounds what travels
     to the last worker (a whole 152k-token distribution is 2.4 MB per guess) and replaces
     a sort of the vocabulary (≈19 ms here) by a partition.
     """
+    row = transform(row, sampling, tokens)
     if limit <= 0 or limit >= row.size:
         return filtered_probs(row, sampling)
     candidates = np.argpartition(row, -limit)[-limit:]
     sub = filtered_probs(row[candidates], sampling)
     return SparseDist(candidates[sub.ids].astype(np.int64), sub.probs)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return int(np.argmax(np.asarray(a[:n]) != np.asarray(b[:n])))
 
 
 class DraftModel:
@@ -116,27 +114,15 @@ class DraftModel:
 
     def __init__(self, config: DraftConfig) -> None:
         self.config = config
-        init_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(config.path).encode(), mparams)
-        if not self._model:
-            raise SpecshardError(f"llama.cpp could not load the draft model {config.path}")
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx * config.n_seq_max
-        cparams.n_batch = cparams.n_ubatch = config.n_batch
-        cparams.n_seq_max = config.n_seq_max
-        cparams.kv_unified = False  # a sequence's guesses do not depend on the others'
-        cparams.n_threads = cparams.n_threads_batch = config.n_threads
-        cparams.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
-            raise SpecshardError("llama.cpp could not create a context for the draft model")
-        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        # flash_attn None: llama.cpp's own choice, as the draft always had.
+        lc = open_context(config.path, ContextConfig(
+            n_ctx=config.n_ctx, n_seq_max=config.n_seq_max, n_batch=config.n_batch,
+            n_threads=config.n_threads, n_gpu_layers=config.n_gpu_layers, flash_attn=None),
+            "the draft model")
+        self._model, self._ctx, self._mem = lc.model, lc.ctx, lc.mem
+        self.n_vocab = lc.n_vocab
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
-        self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # clamped to n_ctx by llama.cpp
+        self.n_batch = lc.n_batch  # clamped to n_ctx by llama.cpp
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # The tokens whose K/V each slot's stream holds.
         self.decoded: list[list[int]] = [[] for _ in range(config.n_seq_max)]
@@ -156,7 +142,9 @@ class DraftModel:
             for r in active:
                 if i >= gammas[r.seq]:
                     continue
-                dist = draft_dist(rows[r.seq], r.sampling, self.config.dist_top)
+                dist = draft_dist(rows[r.seq], r.sampling, self.config.dist_top,
+                                  [*r.context, *drafts[r.seq].tokens]
+                                  if r.sampling.transforms else ())
                 token = sample(dist, rngs[r.seq])
                 drafts[r.seq].tokens.append(token)
                 drafts[r.seq].dists.append(dist)
@@ -186,46 +174,39 @@ class DraftModel:
             del self.decoded[seq][length:]
 
     def _decode(self, work: list[tuple[int, list[int]]]) -> dict[int, np.ndarray]:
-        """Append tokens to slots; the logits after each slot's last token.
-
-        Each llama_decode call holds slots with equal numbers of tokens: with one KV
-        stream per slot llama.cpp splits a call into ubatches of equal rows per slot, and
-        with unequal counts a slot's last row came back with the logits of the row before
-        it (seen with llama-cpp-python 0.3.36; tests/test_draft.py keeps it honest)."""
-        by_length: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
-        for seq, tokens in work:
-            if tokens:
-                by_length[len(tokens)].append((seq, tokens))
+        """Append tokens to slots; the logits after each slot's last token. The calls
+        keep llama.cpp's ubatches in row order (`cluster.llama.context.decode_calls`)."""
+        work = [(seq, tokens) for seq, tokens in work if tokens]
         rows: dict[int, np.ndarray] = {}
-        for length, group in sorted(by_length.items()):
-            if len(group) * length <= self.n_batch:
-                rows.update(self._call(group))
-                continue
-            for seq, tokens in group:  # too long to share a call: n_batch rows at a time
-                for lo in range(0, length, self.n_batch):
-                    rows.update(self._call([(seq, tokens[lo:lo + self.n_batch])]))
+        for call in decode_calls([len(t) for _, t in work], [seq for seq, _ in work],
+                                 self.n_batch):
+            rows.update(self._call([(work[i][0], work[i][1][lo:hi], hi == len(work[i][1]))
+                                    for i, lo, hi in call]))
         return rows
 
-    def _call(self, work: list[tuple[int, list[int]]]) -> dict[int, np.ndarray]:
-        """One llama_decode of at most n_batch rows; the logits after each slot's last."""
+    def _call(self, work: list[tuple[int, list[int], bool]]) -> dict[int, np.ndarray]:
+        """One llama_decode of at most n_batch rows; the logits after the last row of each
+        piece whose flag asks for them (a slot's last piece)."""
         batch, at, last_of = self._batch, 0, {}
-        for seq, tokens in work:
+        for seq, tokens, wanted in work:
             for k, token in enumerate(tokens):
                 batch.token[at], batch.pos[at] = token, len(self.decoded[seq]) + k
                 batch.n_seq_id[at], batch.seq_id[at][0] = 1, seq
-                batch.logits[at] = k == len(tokens) - 1
+                batch.logits[at] = wanted and k == len(tokens) - 1
                 at += 1
-            last_of[seq] = at - 1
+            if wanted:
+                last_of[seq] = at - 1
         batch.n_tokens = at
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
-            for seq, _ in work:  # drop whatever of the failed call reached the cache
+            for seq, _, _ in work:  # drop whatever of the failed call reached the cache
                 llama_cpp.llama_memory_seq_rm(self._mem, seq, len(self.decoded[seq]), -1)
             raise SpecshardError(f"draft llama_decode failed with status {status}")
         rows = {}
-        for seq, tokens in work:
+        for seq, tokens, _ in work:
             self.decoded[seq].extend(tokens)
-            rows[seq] = logits_row(self._ctx, last_of[seq], self.n_vocab)
+        for seq, index in last_of.items():
+            rows[seq] = logits_row(self._ctx, index, self.n_vocab)
         return rows
 
     def close(self) -> None:

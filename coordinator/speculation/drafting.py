@@ -37,3 +37,11 @@ def draft_rng(step_seed: int) -> np.random.Generator:
     """The drafter's stream for a step: the verifier draws from default_rng(step_seed),
     so guesses drawn from that very stream would bias acceptance."""
     return np.random.default_rng([step_seed, 1])
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` share from the start (a slot's cache and a context)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return int(np.argmax(np.asarray(a[:n]) != np.asarray(b[:n])))

@@ -9,7 +9,7 @@ guesses 1..k−1 accepted). The costs are measured once, when the engine starts
 and γ = argmax rate over 0..gamma_max, where γ = 0 (no draft) has rate 1/a. Nothing
 here reads a clock: a sequence's γ follows from its tokens, so a request decoded alone
 gives the same batches — and the same text — run after run and across a worker loss
-(ARCHITECTURE.md, "Determinism"). When drafting does not pay, γ is 0 except for a probe
+(docs/scheduler.md, "Determinism"). When drafting does not pay, γ is 0 except for a probe
 every `probe_every` steps, which keeps α's estimates alive.
 """
 
@@ -20,14 +20,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+PRIOR_ALPHA = 0.6  # α_1 before evidence; α_k's prior is the estimate of α_{k−1}
+PRIOR_WEIGHT = 2.0  # pseudo-observations behind each prior
+DECAY = 0.97  # forgetting per observation (effective memory ≈ 1/(1−decay) steps)
+
 
 @dataclass(frozen=True)
 class GammaConfig:
     gamma_max: int = 16
     fixed: int | None = None  # a constant γ: no adaptation
-    prior_alpha: float = 0.6  # α_1 before evidence; α_k's prior is the estimate of α_{k−1}
-    prior_weight: float = 2.0  # pseudo-observations behind each prior
-    decay: float = 0.97  # forgetting per observation (effective memory ≈ 1/(1−decay) steps)
+    prior_alpha: float = PRIOR_ALPHA
+    prior_weight: float = PRIOR_WEIGHT
+    decay: float = DECAY
     # While γ = 0, every n-th step tries γ = 1 (0: never). A probe costs one extra verify
     # row and a draft catch-up; 32 keeps that under ~3% on a CPU (bench/spec.py).
     probe_every: int = 32
@@ -62,9 +66,9 @@ def best_gamma(alphas: list[float] | np.ndarray, t_draft: float, t_verify_a: flo
 class AcceptanceStats:
     """Decayed counts per position of guesses tested and accepted: one sequence's history."""
 
-    prior_alpha: float = 0.6
-    prior_weight: float = 2.0
-    decay: float = 0.97
+    prior_alpha: float = PRIOR_ALPHA
+    prior_weight: float = PRIOR_WEIGHT
+    decay: float = DECAY
     tested: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
 
@@ -125,7 +129,7 @@ class DraftCosts:
 OPTIMISTIC_ALPHA = 0.95
 
 # Before anything is measured (and for drafters that cost nothing, like n-gram lookup):
-# a GPU-like verify pass whose extra rows are nearly free (ARCHITECTURE.md, "On a GPU").
+# a GPU-like verify pass whose extra rows are nearly free (docs/architecture.md, "On a GPU").
 FREE_DRAFT = DraftCosts(draft=0.0, verify_a=1.0, verify_b=0.02)
 
 

@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--server-name", help="the name the server's certificate is for")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args()
-    metadata = ()
+    metadata: tuple[tuple[str, str], ...] = ()
     if args.token_file:
         metadata = (("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"),)
     with channel(args) as ch:
