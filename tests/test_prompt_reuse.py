@@ -4,9 +4,11 @@ request that starts with the same tokens computes only the rest (docs/scheduler.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -238,3 +240,66 @@ def test_staggered_requests_decode_together(tiny_chat_model: Path) -> None:
             engine.drain(0)
             engine.close()
             built.close()
+
+
+class GatedRebuild:
+    """Rebuilds an in-process ring (empty caches), once the test lets it."""
+
+    def __init__(self, model: Path, ring: object) -> None:
+        self.model, self.rings, self.gate = model, [ring], threading.Event()
+
+    def rebuild(self, sink: Any) -> Any:
+        from coordinator.ring.local_ring import LocalRing
+
+        assert self.gate.wait(120)
+        self.rings[-1].close()  # type: ignore[attr-defined]
+        ring = LocalRing.load(self.model, split_at(4, [2]), n_ctx=1024, n_seq_max=2,
+                              n_threads=1)
+        ring.connect(sink)
+        self.rings.append(ring)
+        return ring
+
+
+def test_a_sequence_ended_while_the_ring_is_rebuilt_leaves_no_cache(tiny_chat_model: Path
+                                                                    ) -> None:
+    """A rebuilt ring holds only what was replayed: a request cancelled during recovery
+    must not leave its slot marked as holding its tokens (the soak test found a later
+    request starting at position 24 of an empty cache)."""
+    from coordinator.engine.core import EngineCore, FromRing
+    from coordinator.engine.scheduler import SchedulerConfig
+    from coordinator.ring.contract import RingLost
+
+    tokenizer = Tokenizer(tiny_chat_model)
+    built = build_ring(tiny_chat_model, ctx=1024, parallel=2, threads=1,
+                       split=split_at(4, [2]))
+    rebuild = GatedRebuild(tiny_chat_model, built.ring)
+    core = EngineCore(built.ring, tokenizer, SchedulerConfig(micro_batches=2),
+                      rebuilder=rebuild)
+    engine = Engine(core, tokenizer, "tiny")
+    prompt = tokenizer.encode("Tell me a long story about a ring of stages. " * 3)
+    try:
+        events: list[object] = []
+        seq = engine.submit(GenerationRequest(prompt, 500, ignore_eos=True), events.append)
+        deadline = time.monotonic() + 60
+        while not events:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        core.post(FromRing(core.epoch, RingLost("a worker vanished (test)")))
+        while core.state is not State.RECOVERING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.cancel(seq)
+        while not seq.done:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        rebuild.gate.set()
+        while core.state is not State.RUNNING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert core.cached == {}
+        again = generate(engine, prompt)
+        assert again.stats.n_cached_tokens == 0 and len(again.tokens) == 12
+    finally:
+        rebuild.gate.set()
+        engine.close()
+        rebuild.rings[-1].close()  # type: ignore[attr-defined]

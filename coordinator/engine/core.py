@@ -554,9 +554,10 @@ class EngineCore:
             del self.running[seq.slot]
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
-            if self.cache_prompt and error is None:
+            if self.cache_prompt and error is None and self.state is State.RUNNING:
                 # Positions below n_computed hold these tokens on every stage; batches
                 # still in flight only touch positions from their start on, ≥ n_computed.
+                # (Not while recovering: a rebuilt ring holds only what was replayed.)
                 self.cached[seq.slot] = seq.tokens[:min(seq.n_computed, len(seq.tokens))]
             else:
                 self.frees.add(seq.slot)
