@@ -219,9 +219,13 @@ class RayWorkers:
             except Exception:  # already gone
                 log.debug("actor already gone", exc_info=True)
         self.members = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
         if self._started_ray:
+            # Our own Ray goes whole, placement group and all. Not removing the group
+            # first matters when a signal reached the whole process group (Ctrl-C, or
+            # kill on the group): Ray's GCS is gone already and the removal would wait
+            # 60 s for it.
             ray.shutdown()
             self._started_ray = False
+        elif self._pg is not None:
+            remove_placement_group(self._pg)
+        self._pg = None
