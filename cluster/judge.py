@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from cluster.constrain import masked
 from cluster.messages import SeqResult, Slice, TokenLogprobs
 from cluster.sampling import transform
 from cluster.verify import verify
@@ -36,12 +37,18 @@ def transformed_rows(piece: Slice, logits: np.ndarray, tokens: Sequence[int]) ->
     """The judged rows after the request's logit bias and penalties; row i's penalties
     count the sequence's tokens before it, the guesses before row i included. `tokens`:
     the sequence's tokens by position, this slice's included (the last stage keeps them).
-    Returns `logits` itself when the request asks for neither."""
+    Then, under constrained decoding, every token row i's mask (`Slice.masks`) does not
+    allow gets −inf. Returns `logits` itself when the request asks for none of these."""
     if not piece.sampling.transforms:
-        return logits
+        if not piece.masks:
+            return logits
+        return np.stack([masked(logits[i], piece.masks[i]) for i in range(len(logits))])
     first = piece.start + len(piece.tokens) - piece.n_draft  # row 0 predicts this position
-    return np.stack([transform(logits[i], piece.sampling, tokens, first + i)
-                     for i in range(len(logits))])
+    rows = [transform(logits[i], piece.sampling, tokens, first + i)
+            for i in range(len(logits))]
+    if piece.masks:
+        rows = [masked(row, mask) for row, mask in zip(rows, piece.masks, strict=True)]
+    return np.stack(rows)
 
 
 def token_logprobs(row: np.ndarray, token: int, n_top: int) -> TokenLogprobs:

@@ -34,6 +34,12 @@ class Slice:
     step_seed: int = 0  # the last worker's rng for this slice: same seed, same tokens
     judge: bool = True  # the last worker verifies and answers (False: a prompt chunk)
     return_logits: bool = False  # the answer carries the judged rows' logits
+    # Constrained decoding: one packed bit mask per judged row (`cluster.constrain`), the
+    # tokens the grammar allows there; empty: no constraint.
+    masks: list[bytes] = field(default_factory=list)
+    # Every stage first makes `seq` hold what sequence `copy_from` holds at positions
+    # 0 .. start − 1 (a shared prompt prefix: llama.cpp's memory seq_cp); -1: no copy.
+    copy_from: int = -1
 
     @property
     def end(self) -> int:

@@ -107,7 +107,8 @@ def slice_to_wire(s: Slice) -> pb.Slice:
     return pb.Slice(seq=s.seq, start=s.start, tokens=s.tokens, n_draft=s.n_draft,
                     draft_dists=[dist_to_wire(d) for d in s.draft_dists],
                     sampling=sampling_to_wire(s.sampling), step_seed=s.step_seed,
-                    judge=s.judge, return_logits=s.return_logits)
+                    judge=s.judge, return_logits=s.return_logits, masks=s.masks,
+                    copy_from=s.copy_from if s.copy_from >= 0 else None)
 
 
 def slice_from_wire(msg: pb.Slice) -> Slice:
@@ -123,9 +124,17 @@ def slice_from_wire(msg: pb.Slice) -> Slice:
     sampling = sampling_from_wire(msg.sampling)
     if msg.judge and not sampling.greedy and len(dists) != msg.n_draft:
         raise InvalidForward("sampled verification needs the draft's distributions")
+    if msg.HasField("copy_from") and (msg.copy_from == msg.seq or not n):
+        raise InvalidForward(f"sequence {msg.seq} cannot copy from sequence "
+                             f"{msg.copy_from}" + ("" if n else " without tokens"))
+    masks = list(msg.masks)
+    if masks and (not msg.judge or len(masks) != msg.n_draft + 1):
+        raise InvalidForward(f"{len(masks)} token masks for a slice judging "
+                             f"{msg.n_draft + 1 if msg.judge else 0} rows")
     return Slice(seq=msg.seq, start=msg.start, tokens=list(msg.tokens), sampling=sampling,
                  n_draft=msg.n_draft, draft_dists=dists, step_seed=msg.step_seed,
-                 judge=msg.judge, return_logits=msg.return_logits)
+                 judge=msg.judge, return_logits=msg.return_logits, masks=masks,
+                 copy_from=msg.copy_from if msg.HasField("copy_from") else -1)
 
 
 def batch_to_wire(acts: Activations, f16: bool = False) -> list[pb.ForwardMessage]:

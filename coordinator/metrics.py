@@ -65,6 +65,10 @@ class Metrics:
         self.prompt_tokens_computed = Counter("specshard_prompt_tokens_computed",
                                               "Prompt tokens computed by the ring",
                                               registry=r)
+        self.prompt_tokens_copied = Counter("specshard_prompt_tokens_copied",
+                                            "Prompt tokens copied from another slot on "
+                                            "every stage (a shared prefix; also counted "
+                                            "as reused)", registry=r)
         self.restarts = Counter("specshard_worker_restarts",
                                 "Ring rebuilds after a lost worker", registry=r)
         self.requests = Counter("specshard_requests", "Requests by outcome", ["outcome"],

@@ -41,6 +41,7 @@ class EngineOptions:
     max_stall: float = 2.0  # see SchedulerConfig
     gamma: GammaConfig = GammaConfig()
     cache_prompt: bool = True  # finished sequences' caches stay for the next request
+    share_prefix: bool = True  # prompt prefixes other slots hold are copied, not computed
 
     def __post_init__(self) -> None:
         if self.queue_size < 0:
@@ -79,7 +80,8 @@ def start_engine(built: BuiltRing, tokenizer: Tokenizer, name: str,
     config = SchedulerConfig(options.max_batch_tokens, options.prefill_chunk,
                              options.micro_batches or built.n_stages, options.max_stall)
     core = EngineCore(built.ring, tokenizer, config, drafter, GammaPolicy(options.gamma),
-                      metrics, rebuilder=built.supervisor, cache_prompt=options.cache_prompt)
+                      metrics, rebuilder=built.supervisor, cache_prompt=options.cache_prompt,
+                      share_prefix=options.share_prefix)
     if costs is not None:
         core.use_costs(costs)
     else:
@@ -149,7 +151,8 @@ def engine_options(s: ServeSettings) -> EngineOptions:
     gamma = gamma_config(s.gamma, s.gamma_max)
     return EngineOptions(queue_size=s.queue_size, max_batch_tokens=s.max_batch_tokens,
                          prefill_chunk=s.prefill_chunk, micro_batches=s.micro_batches,
-                         max_stall=s.max_stall, gamma=gamma, cache_prompt=s.cache_prompt)
+                         max_stall=s.max_stall, gamma=gamma, cache_prompt=s.cache_prompt,
+                         share_prefix=s.share_prefix)
 
 
 def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:

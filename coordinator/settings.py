@@ -102,6 +102,10 @@ class ServeSettings(BaseSettings):
     cache_prompt: bool = Field(True, description="keep a finished request's caches in "
                                                  "its slot, and start a new request from "
                                                  "the slot sharing its longest prefix")
+    share_prefix: bool = Field(True, description="copy a prompt prefix another slot holds "
+                                                 "(a shared system prompt) on every stage "
+                                                 "instead of computing it again (with "
+                                                 "--cache-prompt)")
     drain_timeout: float = Field(30.0, description="on SIGTERM/SIGINT: seconds running "
                                                    "requests get to finish before they are "
                                                    "ended (finish_reason 'abort')")

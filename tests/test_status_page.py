@@ -81,8 +81,8 @@ def served(demo_target: Path, demo_draft: Path, tmp_path_factory: pytest.TempPat
         [sys.executable, "-m", "cluster.cli", "serve", "--model", str(demo_target),
          # A fixed γ: adaptive γ may find drafting does not pay on a busy machine, and
          # the page is to show the draft's acceptance.
-         "--draft", str(demo_draft), "--gamma", "4", "--local-workers", "2", "--ctx", "1024", "--parallel",
-         "2", "--port", "0", "--api-key-file", str(key_file)],
+         "--draft", str(demo_draft), "--gamma", "4", "--local-workers", "2", "--ctx",
+         "1024", "--parallel", "2", "--port", "0", "--api-key-file", str(key_file)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     served = Served(proc)

@@ -126,6 +126,22 @@ class Stage:
         self._lengths[seq] = length
         del self._tokens[seq][length:]
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Make `dst` hold what `src` holds at positions 0 .. length − 1 (a shared prompt
+        prefix). With a KV stream per sequence llama.cpp copies the whole stream's
+        buffers, at the start of the next llama_decode: on a GPU a few ms against the
+        seconds of computing a long prefix again (docs/scheduler.md, "Shared prefixes")."""
+        self._check_seq(src)
+        self._check_seq(dst)
+        if src == dst or not 0 <= length <= self._lengths[src]:
+            raise InvalidForward(f"cannot copy {length} positions of sequence {src} "
+                                 f"(it holds {self._lengths[src]}) into sequence {dst}")
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, length, -1)
+        self._lengths[dst] = length
+        self._tokens[dst] = self._tokens[src][:length]
+
     # --- batches -----------------------------------------------------------------------
 
     def validate(self, slices: list[Slice], n_floats: int | None) -> None:
@@ -136,7 +152,13 @@ class Stage:
             if s.seq in seen:
                 raise InvalidForward(f"sequence {s.seq} appears twice in one batch")
             seen.add(s.seq)
-            if not 0 <= s.start <= self._lengths[s.seq]:
+            if s.copy_from >= 0:
+                self._check_seq(s.copy_from)
+                if s.copy_from == s.seq or s.start > self._lengths[s.copy_from]:
+                    raise InvalidForward(
+                        f"sequence {s.seq} cannot copy {s.start} positions from sequence "
+                        f"{s.copy_from}, which holds {self._lengths[s.copy_from]}")
+            elif not 0 <= s.start <= self._lengths[s.seq]:
                 raise InvalidForward(
                     f"positions must continue sequence {s.seq} at or before "
                     f"{self._lengths[s.seq]}, got {s.start}")
@@ -174,6 +196,9 @@ class Stage:
         self.validate(slices, hidden.size)
         n_rows = sum(len(s.tokens) for s in slices)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32).reshape(n_rows, self.n_embd)
+        for s in slices:  # copies first: a slice below may drop what its source holds
+            if s.copy_from >= 0:
+                self.copy(s.copy_from, s.seq, s.start)
         for s in slices:
             if s.start < self._lengths[s.seq]:  # rejected guesses of the previous step
                 self.truncate(s.seq, s.start)

@@ -39,6 +39,7 @@ from coordinator.api.schema import (
 from coordinator.api.shapes import Logprobs, Shape, TextShape
 from coordinator.api.status_page import install_status_page
 from coordinator.api.templates import ChatOptions, chat_prompt
+from coordinator.constrain import engine_info, request_constraint
 from coordinator.engine.frontend import Engine
 from coordinator.engine.request import (
     Finished,
@@ -195,10 +196,13 @@ async def _complete(request: Request, state: ServerState, engine: Engine, body: 
     sampling = body.sampling_params(state.sampling, engine.tokenizer.n_vocab)
     if sampling.temperature < GREEDY_BELOW:
         sampling = replace(sampling, temperature=0.0)
+    # A grammar, a JSON schema or a forced tool call (400 when it does not compile).
+    constraint = await asyncio.to_thread(request_constraint, body.grammar_spec,
+                                         engine.tokenizer) if body.constrained else None
     job = GenerationRequest(prompt, body.token_limit(engine.n_ctx),
                             sampling,
                             body.stops, guard, ignore_eos=body.ignore_eos,
-                            cache_prompt=body.cache_prompt)
+                            cache_prompt=body.cache_prompt, constraint=constraint)
     engine.check(job)
     events = engine.stream(job)
     streaming = False
@@ -299,10 +303,12 @@ def create_app(state: ServerState) -> FastAPI:
     @v1.get("/cluster")
     async def cluster(engine: Ready) -> dict[str, object]:
         if state.cluster_info is not None:
-            return await asyncio.to_thread(state.cluster_info)
+            return {**await asyncio.to_thread(state.cluster_info),
+                    "constrained_decoding": engine_info()}
         return {"model": engine.model_name, "n_ctx": engine.n_ctx,
                 "parallel": engine.parallel, "queue_size": engine.queue_size,
-                "ring": type(engine.core.ring).__name__}
+                "ring": type(engine.core.ring).__name__,
+                "constrained_decoding": engine_info()}
 
     app.include_router(v1)
 

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from coordinator.api.errors import ApiError
 from coordinator.api.sampling_defaults import SamplingDefaults
 from coordinator.api.schema import Request
+from coordinator.constrain import engine_info
 from coordinator.engine.frontend import Engine
 
 
@@ -85,6 +86,8 @@ def install(app: FastAPI, state: Any, authorize: Callable[..., None],
             "chat_template": extra.pop("chat_template", ""),
             "modalities": {"vision": False, "audio": False},
             "build_info": "specshard",
+            # response_format, grammar, json_schema, forced tool calls (docs/clients.md)
+            "constrained_decoding": engine_info(),
             **extra,
         }
 

@@ -3,7 +3,9 @@
 Every request field has a stated fate (the table in docs/clients.md): honoured; ignored
 (unknown fields, and known ones that change nothing a client relies on: logged once per
 field name); or refused with a 400 (what would change the output in a way we do not
-implement: a `response_format` with a schema, a `grammar`, another sampler). Ranges
+implement: another sampler, n > 1). `response_format`, llama-server's `grammar` and
+`json_schema`, and a `tool_choice` that forces a call constrain decoding
+(`coordinator/constrain`): their grammar is made here (`grammar_spec`). Ranges
 follow the OpenAI API reference; `top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`
 and `n_predict` are llama-server's, and so are the chat fields for reasoning models
 (`reasoning_format`, `chat_template_kwargs`, `thinking_budget_tokens`).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -29,6 +32,12 @@ from pydantic import (
 from cluster.errors import SpecshardError
 from cluster.sampling import SamplingParams
 from coordinator.api.sampling_defaults import SamplingDefaults
+from coordinator.constrain.grammar import (
+    GrammarSpec,
+    gbnf_grammar,
+    json_schema_grammar,
+    tool_call_grammar,
+)
 
 log = logging.getLogger(__name__)
 MAX_STOP = 64  # stop strings a request may send (continue.dev's FIM sends 9)
@@ -40,7 +49,6 @@ _IGNORED_SEEN: set[str] = set()
 OFF_SAMPLERS: dict[str, object] = {
     "typical_p": 1.0, "mirostat": 0, "tfs_z": 1.0, "dynatemp_range": 0.0,
     "xtc_probability": 0.0, "dry_multiplier": 0.0, "top_n_sigma": -1.0}
-REFUSED = {"grammar": "a grammar", "json_schema": "a JSON schema"}
 # JSON may escape half a UTF-16 pair ("\ud800"); Python decodes it to a string that no
 # UTF-8 can carry, so the tokenizer and any answer quoting it would fail (a 500).
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -110,6 +118,9 @@ class Sampling(Request):
     ignore_eos: bool = False  # llama-server's: decode past end tokens
     cache_prompt: bool = True  # llama-server's: start from a slot's cached prefix
     response_format: dict[str, Any] | None = None
+    # llama-server's: a GBNF grammar, or a JSON schema, the reply must follow.
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -118,10 +129,6 @@ class Sampling(Request):
         ignored (once per field name)."""
         if not isinstance(data, dict):
             return data
-        for name, what in REFUSED.items():
-            if data.get(name) not in (None, "", {}):
-                raise ValueError(f"`{name}` is not supported: this server cannot constrain "
-                                 f"decoding to {what}; leave it out")
         for name, off in OFF_SAMPLERS.items():
             value = data.get(name)
             if value is not None and value != off:
@@ -154,11 +161,55 @@ class Sampling(Request):
     @classmethod
     def _format(cls, fmt: dict[str, Any] | None) -> dict[str, Any] | None:
         kind = (fmt or {}).get("type", "text")
-        if kind != "text":
-            raise ValueError(f"response_format {kind!r} is not supported: this server cannot "
-                             "constrain decoding to JSON or a schema (no grammar); ask for "
-                             "JSON in the prompt instead, or leave response_format out")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type {kind!r} is not one of 'text', "
+                             "'json_object', 'json_schema'")
+        if kind == "json_schema":
+            spec = (fmt or {}).get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("response_format json_schema needs a `json_schema` object "
+                                 "({\"name\": …, \"schema\": {…}, \"strict\": …})")
+            if not isinstance(spec.get("schema", {}), dict | bool):
+                raise ValueError("response_format json_schema: `schema` must be a JSON "
+                                 "schema (an object)")
         return fmt
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> Sampling:
+        given = [name for name, on in (
+            ("response_format", self._format_kind != "text"),
+            ("grammar", bool(self.grammar)), ("json_schema", self.json_schema is not None))
+            if on]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(f'`{g}`' for g in given)} both constrain the "
+                             "reply: send one")
+        return self
+
+    @property
+    def _format_kind(self) -> str:
+        return str((self.response_format or {}).get("type", "text"))
+
+    @property
+    def constrained(self) -> bool:
+        """The reply must follow a grammar (`grammar_spec` makes it)."""
+        return self._format_kind != "text" or bool(self.grammar) or \
+            self.json_schema is not None
+
+    def grammar_spec(self, special_token: Callable[[str], int | None]) -> GrammarSpec | None:
+        """The grammar the reply must follow, or None (raises `SpecshardError` naming the
+        problem: a 400). `special_token(text)`: the vocabulary's one token for `text`."""
+        kind = self._format_kind
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"}, what="response_format json_object")
+        if kind == "json_schema":
+            spec = (self.response_format or {})["json_schema"]
+            return json_schema_grammar(spec.get("schema", {"type": "object"}),
+                                       strict=bool(spec.get("strict", False)))
+        if self.grammar:
+            return gbnf_grammar(self.grammar)
+        if self.json_schema is not None:
+            return json_schema_grammar(self.json_schema, strict=False, what="json_schema")
+        return None
 
     @field_validator("seed")
     @classmethod
@@ -293,10 +344,43 @@ class ChatCompletionRequest(Sampling):
                                                    "thinking_token_budget"))
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: bool | None = None  # False: a forced call is one call
 
     @property
     def n_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def constrained(self) -> bool:
+        return self.forces_call or super().constrained
+
+    @property
+    def forces_call(self) -> bool:
+        """`tool_choice` "required" or a named function: the reply is tool calls only."""
+        return bool(self.tools) and (self.tool_choice == "required" or
+                                     isinstance(self.tool_choice, NamedToolChoice))
+
+    @model_validator(mode="after")
+    def _constrained_replies_do_not_think(self) -> ChatCompletionRequest:
+        """A grammar holds from the reply's first token: a constrained reply answers at
+        once (as with a thinking budget of 0), its thinking would break the shape."""
+        if self.forces_call and (self._format_kind != "text" or self.grammar or
+                                 self.json_schema is not None):
+            raise ValueError("a forced tool call (tool_choice) and a response_format or "
+                             "grammar both constrain the reply: send one")
+        if self.constrained:
+            self.thinking_budget_tokens = 0
+        return self
+
+    def grammar_spec(self, special_token: Callable[[str], int | None]) -> GrammarSpec | None:
+        if self.forces_call:
+            choice = self.tool_choice
+            return tool_call_grammar(
+                self.template_tools() or [],
+                choice.function.name if isinstance(choice, NamedToolChoice) else None,
+                self.parallel_tool_calls is not False,
+                special_token("<tool_call>"), special_token("</tool_call>"))
+        return super().grammar_spec(special_token)
 
     @model_validator(mode="after")
     def _tool_choice_has_tools(self) -> ChatCompletionRequest:

@@ -31,9 +31,10 @@ from cluster import trace
 from cluster.errors import ClusterError, ClusterUnavailable, SpecshardError
 from cluster.messages import Batch, SeqResult, Slice
 from cluster.sampling import SamplingParams, SparseDist
+from coordinator.constrain.hooks import decided_under, slice_guesses
 from coordinator.engine.request import Failed, Finished, TextChunk
 from coordinator.engine.scheduler import Planned, SchedulerConfig, schedule
-from coordinator.engine.sequence import Sequence
+from coordinator.engine.sequence import Sequence, Share
 from coordinator.metrics import Metrics
 from coordinator.ring.contract import (
     BatchDone,
@@ -58,6 +59,7 @@ from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+MIN_SHARE = 32  # prompt positions worth a copy from another slot (docs/scheduler.md)
 MAX_RECOVERIES = 5  # rebuilds in a row before the ring is reported down
 DOWN_RETRY_S = 10.0  # while down, a rebuild is tried this often
 
@@ -147,7 +149,8 @@ class EngineCore:
     def __init__(self, ring: Ring, tokenizer: Tokenizer, config: SchedulerConfig,
                  drafter: Drafter | None = None, policy: GammaPolicy | None = None,
                  metrics: Metrics | None = None, rebuilder: Rebuilder | None = None,
-                 batch_timeout_s: float = 600.0, cache_prompt: bool = True) -> None:
+                 batch_timeout_s: float = 600.0, cache_prompt: bool = True,
+                 share_prefix: bool = True) -> None:
         self.ring = ring
         self.tokenizer = tokenizer
         self.config = config
@@ -157,6 +160,7 @@ class EngineCore:
         self.rebuilder = rebuilder
         self.batch_timeout_s = batch_timeout_s
         self.cache_prompt = cache_prompt
+        self.share_prefix = share_prefix
         self.parallel = ring.n_seq
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.state = State.RUNNING
@@ -305,8 +309,7 @@ class EngineCore:
             seq.slot = slot
             seq.acceptance = self.policy.new_stats()
             seq.reuse(reused, self._prefix_history(seq, reused))
-            self.metrics.prompt_tokens_reused.inc(reused)
-            self.metrics.prompt_tokens_computed.inc(seq.n_prompt - reused)
+            seq.share = self._share_for(seq, slot, reused)
             self.running[slot] = seq
         self._set_cached_metric()
         self.metrics.queue_depth.set(len(self.waiting))
@@ -316,6 +319,9 @@ class EngineCore:
     def _fill(self, out: StepOutput) -> None:
         self._admit()
         while len(self.in_flight) < self.config.micro_batches and not self._ring_down:
+            for seq in self.running.values():
+                if seq.share is not None:
+                    self._resolve_share(seq)
             plan = schedule(list(self.running.values()), self.config, self._gamma)
             if not plan and (not self.frees or self.in_flight):
                 return  # frees ride along with the next real batch
@@ -342,6 +348,51 @@ class EngineCore:
             best = min(self.free_slots, key=lambda slot: (slot in self.cached,
                                                          self._used.get(slot, 0), slot))
         return best, min(shared(best), len(prompt) - 1)
+
+    def _share_for(self, seq: Sequence, slot: int, reused: int) -> Share | None:
+        """A longer prefix of `seq`'s prompt than its own slot holds, in another slot:
+        a running sequence's prompt (computed, or being computed: `seq` then waits for
+        it) or an idle slot's cache. Copied on every stage instead of computed again
+        (conversations that share a system prompt, agents their tool schemas)."""
+        if not (self.share_prefix and self.cache_prompt and seq.request.cache_prompt):
+            return None
+        prompt = seq.tokens
+        best = Share(-1, None, 0, reused)
+        for other, r in self.running.items():
+            n = common_prefix(r.tokens[:r.n_prompt], prompt)
+            if other != slot and not r.done and n > best.length:
+                best = Share(other, r, n, reused)
+        for other, held in self.cached.items():
+            n = common_prefix(held, prompt)
+            if other != slot and n > best.length:
+                best = Share(other, None, n, reused)
+        best.length = min(best.length, len(prompt) - 1)
+        return best if best.length >= reused + MIN_SHARE else None
+
+    def _resolve_share(self, seq: Sequence) -> None:
+        """Before each batch, until `seq`'s first slice is sent: copy what its source
+        holds now, wait while the source's prompt is still being sent, or — the source
+        gone (finished uncached, its slot given out, the ring lost) — compute the prefix
+        as if there were no source."""
+        share = seq.share
+        assert share is not None
+        source, prompt = share.source, seq.tokens
+        if source is not None and self.running.get(share.slot) is source:
+            if not source.started or min(source.n_sent, source.n_prompt) < share.length:
+                seq.share_ready = False  # the source sends its prompt first
+                return
+            held = common_prefix(source.tokens[:min(source.n_sent, source.n_prompt)], prompt)
+        elif share.slot in self.cached:
+            held = common_prefix(self.cached[share.slot], prompt)
+        else:
+            held = 0
+        n = min(held, share.length)
+        if n < share.own + MIN_SHARE:
+            seq.share, seq.copy_from = None, -1
+            seq.reuse(share.own, self._prefix_history(seq, share.own))
+            return
+        seq.share_ready, seq.copy_from = True, share.slot
+        seq.reuse(n, self._prefix_history(seq, n))
 
     def _prefix_history(self, seq: Sequence, reused: int) -> list[tuple[int, Slice]]:
         """A reused prefix as replayable batches (in prompt-chunk pieces): a rebuilt
@@ -370,10 +421,14 @@ class EngineCore:
                 continue
             tokens = s.tokens[s.n_sent:s.n_sent + p.n_tokens]
             guesses, dists = drafts.get(s.slot, ([], []))
+            masks: list[bytes] = []
+            if p.judge and s.request.constraint is not None:  # constrained decoding
+                guesses, dists, masks = slice_guesses(s.request.constraint, guesses, dists)
             slices.append(Slice(
                 seq=s.slot, start=s.n_sent, tokens=[*tokens, *guesses], sampling=
                 s.request.sampling, n_draft=len(guesses), draft_dists=list(dists),
-                step_seed=s.step_seed() if p.judge else 0, judge=p.judge))
+                step_seed=s.step_seed() if p.judge else 0, judge=p.judge, masks=masks,
+                copy_from=-1 if s.started else s.copy_from))
         slices += [Slice(seq=slot, start=0, tokens=[], judge=False) for slot in self.frees]
         self.frees.clear()
         return Batch(self._new_batch_id(), slices)
@@ -391,7 +446,7 @@ class EngineCore:
                 guesses[s.slot] = (s.last_draft[1][:p.gamma], s.last_draft[2][:p.gamma])
             else:
                 asks.append(DraftRequest(s.slot, s.tokens, p.gamma, s.request.sampling,
-                                         draft_rng(s.step_seed())))
+                                         draft_rng(s.step_seed()), s.request.constraint))
         if asks and self.drafter is not None:
             t0 = time.perf_counter()
             for ask, draft in zip(asks, self._propose(self.drafter, asks), strict=True):
@@ -428,6 +483,8 @@ class EngineCore:
         for seq, piece in members:
             seq.n_sent = piece.end - piece.n_draft
             seq.judging = seq.judging or piece.judge
+            if not seq.started:
+                self._started(seq, piece)
         self.in_flight[batch.batch_id] = InFlight(batch, members, time.perf_counter(), replay)
         self.metrics.batch_rows.observe(batch.n_rows)
         if not replay:
@@ -438,6 +495,16 @@ class EngineCore:
         except WorkerLost as exc:  # handled like the ring's own report of the loss
             self._ring_down = True
             self.post(FromRing(self.epoch, RingLost(str(exc))))
+
+    def _started(self, seq: Sequence, piece: Slice) -> None:
+        """Its first slice is sent: what it reused is final."""
+        seq.started = True
+        seq.share, seq.copy_from = None, -1
+        reused = seq.stats.n_cached_tokens
+        self.metrics.prompt_tokens_reused.inc(reused)
+        self.metrics.prompt_tokens_computed.inc(seq.n_prompt - reused)
+        if piece.copy_from >= 0:
+            self.metrics.prompt_tokens_copied.inc(piece.start)
 
     def _new_batch_id(self) -> int:
         batch_id, self._next_id = self._next_id, self._next_id + 1
@@ -489,6 +556,8 @@ class EngineCore:
             seq.first_token_at = now
             self.metrics.ttft_s.observe(st.prefill_s)
         decided = seq.output.decide(tokens, result.top2_gaps)
+        if seq.request.constraint is not None:  # the grammar advances; its end ends it
+            decided = decided_under(seq.request.constraint, decided)
         seq.tokens.extend(decided.kept)
         if decided.forced:
             # What the model wrote after the token that triggered the guard never became
@@ -611,6 +680,8 @@ class EngineCore:
         self._replay.clear()
         for seq in self.running.values():
             seq.rewind()
+            if not seq.started:  # the replay computes its prefix: nothing to copy
+                seq.share, seq.copy_from = None, -1
         if self.rebuilder is None:
             log.error("ring lost (%s) and nothing can rebuild it", why)
             self._give_up(WorkerLost(why), retry=False)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cluster.errors import SpecshardError
 from cluster.messages import TokenLogprobs
 from cluster.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from coordinator.constrain.state import Constraint
 
 
 class QueueFull(SpecshardError):
@@ -41,6 +44,9 @@ class GenerationRequest:
     with_gaps: bool = False  # events carry each token's top-2 logit gap (tests, benches)
     ignore_eos: bool = False  # decode past end tokens (fixed lengths for benchmarks)
     cache_prompt: bool = True  # may start from a slot's cached prefix (llama-server's)
+    # Constrained decoding: this request's grammar state (coordinator/constrain), used by
+    # the engine's thread only once submitted.
+    constraint: Constraint | None = None
 
 
 @dataclass

@@ -20,6 +20,17 @@ from coordinator.engine.request import EventSink, GenerationRequest, Stats
 from coordinator.speculation.gamma import AcceptanceStats
 
 
+@dataclass(eq=False)
+class Share:
+    """A prompt prefix another slot holds or is computing, to copy before the first slice
+    (llama.cpp's memory seq_cp on every stage) instead of computing it again."""
+
+    slot: int
+    source: Sequence | None  # the running sequence whose prompt it is; None: a cached slot
+    length: int  # positions to copy
+    own: int  # positions its own slot holds (what it computes from without the copy)
+
+
 @dataclass(eq=False)  # compared and hashed by identity: one object per request
 class Sequence(Owned):
     """Written only by the engine's step once admitted (`Owned` checks it in tests)."""
@@ -40,6 +51,10 @@ class Sequence(Owned):
     history: list[tuple[int, Slice]] = field(default_factory=list)  # completed, for replay
     first_token_at: float = 0.0
     last_draft: tuple[int, list[int], list[SparseDist]] | None = None  # (at, tokens, dists)
+    share: Share | None = None  # a prefix to copy, until the first slice is sent
+    share_ready: bool = False  # `share` can be copied now (its source has sent it)
+    copy_from: int = -1  # the first slice copies positions 0 .. n_sent − 1 from this slot
+    started: bool = False  # its first slice was sent
 
     def __post_init__(self) -> None:
         seed = self.request.sampling.seed
@@ -61,7 +76,8 @@ class Sequence(Owned):
 
     @property
     def ready(self) -> bool:
-        return not self.done and not self.judging and self.pending > 0
+        return not self.done and not self.judging and self.pending > 0 and \
+            (self.share is None or self.share_ready)
 
     @property
     def generated(self) -> int:

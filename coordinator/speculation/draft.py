@@ -12,6 +12,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from cluster.constrain import masked
 from cluster.errors import SpecshardError
 from cluster.gguf_file import GGUFHeader, read_header
 from cluster.llama.backend import free, logits_row
@@ -22,6 +23,7 @@ from coordinator.speculation.drafting import Draft, DraftRequest, common_prefix
 log = logging.getLogger(__name__)
 
 # llama.cpp common/speculative.cpp, common_speculative_are_compatible.
+MIN_COPY = 32  # prefix positions worth copying from another slot, not computing
 SPEC_VOCAB_MAX_SIZE_DIFFERENCE = 128
 SPEC_VOCAB_CHECK_START_TOKEN_ID = 5
 
@@ -126,6 +128,7 @@ class DraftModel:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         # The tokens whose K/V each slot's stream holds.
         self.decoded: list[list[int]] = [[] for _ in range(config.n_seq_max)]
+        self.copied = 0  # prefix positions copied between slots, not computed
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafts = {r.seq: Draft([], []) for r in requests}
@@ -142,20 +145,32 @@ class DraftModel:
             for r in active:
                 if i >= gammas[r.seq]:
                     continue
-                dist = draft_dist(rows[r.seq], r.sampling, self.config.dist_top,
+                row = rows[r.seq]
+                if r.constraint is not None:  # guess under the grammar's mask
+                    row = masked(row, r.constraint.mask())
+                dist = draft_dist(row, r.sampling, self.config.dist_top,
                                   [*r.context, *drafts[r.seq].tokens]
                                   if r.sampling.transforms else ())
                 token = sample(dist, rngs[r.seq])
+                if r.constraint is not None and not r.constraint.push(token):
+                    gammas[r.seq] = i  # the mask allowed nothing: no more guesses
+                    continue
                 drafts[r.seq].tokens.append(token)
                 drafts[r.seq].dists.append(dist)
                 if i < gammas[r.seq] - 1:
                     step.append((r.seq, [token]))
             if step:
                 rows.update(self._decode(step))
+        for r in active:  # the guesses leave the grammar's state as it was
+            if r.constraint is not None:
+                r.constraint.pop(len(drafts[r.seq].tokens))
         return [drafts[r.seq] for r in requests]
 
     def _sync(self, contexts: dict[int, list[int]]) -> dict[int, np.ndarray]:
         """Make each slot hold exactly its context; the logits after its last token."""
+        copied: set[int] = set()
+        for seq, context in contexts.items():  # copies first: a truncation below may
+            self._copy_prefix(seq, context, copied)  # drop what a source holds
         todo = []
         for seq, context in contexts.items():
             # The last token is decoded again when already held: its logits were not kept.
@@ -163,6 +178,27 @@ class DraftModel:
             self.truncate(seq, keep)
             todo.append((seq, context[keep:]))
         return self._decode(todo)
+
+    def _copy_prefix(self, seq: int, context: list[int], copied: set[int]) -> None:
+        """When another slot holds a longer prefix of `context` (a system prompt two
+        conversations share), copy it (the stages do the same; llama.cpp copies the
+        stream at the next decode) instead of computing it again."""
+        own = common_prefix(self.decoded[seq], context)
+        best, best_n = -1, own
+        for other, held in enumerate(self.decoded):
+            if other != seq and other not in copied:
+                n = common_prefix(held, context)
+                if n > best_n:
+                    best, best_n = other, n
+        best_n = min(best_n, len(context) - 1)
+        if best < 0 or best_n < own + MIN_COPY:
+            return
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, best, seq, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, best_n, -1)
+        self.decoded[seq] = self.decoded[best][:best_n]
+        self.copied += best_n - own
+        copied.add(seq)
 
     def release(self, seq: int) -> None:
         self.truncate(seq, 0)

@@ -23,6 +23,21 @@ class DraftRequest:
     gamma: int
     sampling: SamplingParams
     rng: np.random.Generator  # for sampled guesses; its own stream (see `draft_rng`)
+    # Constrained decoding: the grammar's state after `context`; guesses are drawn under
+    # its masks and pushed on it, and taken back before `propose` returns.
+    constraint: GuessConstraint | None = None
+
+
+class GuessConstraint(Protocol):
+    """What a drafter needs of a request's grammar (`coordinator.constrain.Constraint`)."""
+
+    def mask(self) -> bytes: ...  # allowed tokens after the guesses pushed (packed bits)
+
+    def allows(self, token: int) -> bool: ...
+
+    def push(self, token: int) -> bool: ...
+
+    def pop(self, n: int) -> None: ...
 
 
 class Drafter(Protocol):

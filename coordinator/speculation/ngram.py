@@ -74,6 +74,12 @@ class NgramDrafter:
         out = []
         for r in requests:
             guesses = lookup(r.context, r.gamma, self.config)
+            if r.constraint is not None:  # the guesses the grammar allows, in a row
+                kept = 0
+                while kept < len(guesses) and r.constraint.push(guesses[kept]):
+                    kept += 1
+                r.constraint.pop(kept)
+                guesses = guesses[:kept]
             out.append(Draft(guesses, [SparseDist.point(t) for t in guesses]))
         return out
 
