@@ -96,11 +96,11 @@ def clients(url: str, system: str, n: int, n_tokens: int, spread: float) -> dict
 def served(model: Path, tokenizer: Tokenizer, system: str, n: int, n_tokens: int,
            spread: float) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    workers = LocalWorkers(2, pin=True, cores=[0, 1]).start()
-    os.sched_setaffinity(0, {0})  # the coordinator shares core 0 with worker 0
-    try:
-        for share in (True, False):
-            # A ring of its own per run: every slot starts cold.
+    for share in (True, False):
+        # Workers and a ring of their own per run: every slot starts cold.
+        workers = LocalWorkers(2, pin=True, cores=[0, 1]).start()
+        os.sched_setaffinity(0, {0})  # the coordinator shares core 0 with worker 0
+        try:
             built = build_ring(model, workers=workers, ctx=4096, parallel=n, threads=1)
             engine = start_engine(built, tokenizer, "demo",
                                   options=EngineOptions(share_prefix=share))
@@ -111,9 +111,9 @@ def served(model: Path, tokenizer: Tokenizer, system: str, n: int, n_tokens: int
             finally:
                 engine.close()
                 built.close()
-    finally:
-        workers.stop()
-        os.sched_setaffinity(0, {0, 1})
+        finally:
+            workers.stop()
+            os.sched_setaffinity(0, {0, 1})
     return result
 
 

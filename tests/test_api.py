@@ -190,7 +190,7 @@ def error_of(exc: openai.APIStatusError) -> dict[str, Any]:
     ({"temperature": "hot"}, "temperature"),
     ({"temperature": 5}, "temperature"),
     ({"top_p": 0}, "top_p"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"max_tokens": "many"}, "max_tokens"),
     ({"stop": [str(i) for i in range(65)]}, "stop"),  # at most 64
     ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),

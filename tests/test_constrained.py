@@ -413,3 +413,55 @@ def test_guesses_are_cut_at_the_first_the_grammar_forbids(tokenizer: Tokenizer) 
     assert constraint.finished
     assert list(np.flatnonzero(allowed(constraint.mask(), tokenizer.n_vocab))) == \
         sorted(constraint.ends)
+
+
+def counter(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_share_one_prompt(served: Served, stream: bool) -> None:
+    """n: 3 gives 3 indexed choices, sampled independently, and the prompt is computed
+    once: the other choices copy it (each computes the prompt's last token itself, for
+    its own logits)."""
+    client = served.client()
+    # A system prompt of its own: no slot holds much of it from another test.
+    messages = [{"role": "system", "content": f"You name {'streamed ' if stream else ''}"
+                                              "things. " * 12},
+                *ask("Name a colour. One word.")]
+    computed0 = counter(served.url, "specshard_prompt_tokens_computed_total")
+    copied0 = counter(served.url, "specshard_prompt_tokens_copied_total")
+    kwargs: dict[str, Any] = dict(model="demo", messages=messages, n=3, temperature=1.0,
+                                  max_tokens=8, seed=7)
+    if stream:
+        texts = ["", "", ""]
+        finished = [None, None, None]
+        usage = None
+        for chunk in client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kwargs):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                finished[c.index] = c.finish_reason or finished[c.index]
+        assert all(finished), finished
+    else:
+        reply = client.chat.completions.create(**kwargs)
+        assert [c.index for c in reply.choices] == [0, 1, 2]
+        texts = [c.message.content or "" for c in reply.choices]
+        usage = reply.usage
+    assert usage is not None and all(texts), texts
+    prompt = usage.prompt_tokens
+    assert usage.completion_tokens >= 3
+    computed = counter(served.url, "specshard_prompt_tokens_computed_total") - computed0
+    copied = counter(served.url, "specshard_prompt_tokens_copied_total") - copied0
+    # The prompt once (but what a slot held already), and the other choices' last token.
+    assert usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    assert computed == prompt - cached + 2, (computed, prompt, cached)
+    assert copied == 2 * (prompt - 1)
+    print(f"[{'draft' if served.draft else 'plain'}] {texts}")

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from coordinator.api import choices
 from coordinator.api.chat import ChatShape, ReplyParser
 from coordinator.api.errors import ApiError, api_error_of, install_error_handlers
 from coordinator.api.llama_routes import install as install_llama_routes
@@ -188,23 +189,39 @@ def _outcome(done: Finished) -> str:
     return "aborted" if done.finish_reason == "abort" else "ok"
 
 
-async def _complete(request: Request, state: ServerState, engine: Engine, body: Sampling,
-                    prompt: list[int], shape: Shape, guard: TextGuard | None = None
-                    ) -> Response:
+async def _jobs(state: ServerState, engine: Engine, body: Sampling, prompt: list[int],
+                guards: list[TextGuard | None]) -> list[GenerationRequest]:
+    """One generation request per choice."""
     # Below this a temperature only sharpens the argmax, and near 0 it overflows the
     # softmax: greedy, as vLLM does under its sampling epsilon.
     sampling = body.sampling_params(state.sampling, engine.tokenizer.n_vocab)
     if sampling.temperature < GREEDY_BELOW:
         sampling = replace(sampling, temperature=0.0)
-    # A grammar, a JSON schema or a forced tool call (400 when it does not compile).
-    constraint = await asyncio.to_thread(request_constraint, body.grammar_spec,
-                                         engine.tokenizer) if body.constrained else None
-    job = GenerationRequest(prompt, body.token_limit(engine.n_ctx),
-                            sampling,
-                            body.stops, guard, ignore_eos=body.ignore_eos,
-                            cache_prompt=body.cache_prompt, constraint=constraint)
-    engine.check(job)
-    events = engine.stream(job)
+    jobs = []
+    for i, guard in enumerate(guards):
+        # A grammar, a JSON schema or a forced tool call (400 when it does not compile);
+        # each choice keeps its own grammar state.
+        constraint = await asyncio.to_thread(request_constraint, body.grammar_spec,
+                                             engine.tokenizer) if body.constrained else None
+        # Choice i of a seeded request draws from seed + i: reproducible, not the same.
+        seeded = sampling if sampling.seed is None or i == 0 else \
+            replace(sampling, seed=sampling.seed + i)
+        jobs.append(GenerationRequest(prompt, body.token_limit(engine.n_ctx), seeded,
+                                      body.stops, guard, ignore_eos=body.ignore_eos,
+                                      cache_prompt=body.cache_prompt or len(guards) > 1,
+                                      constraint=constraint))
+        engine.check(jobs[-1])
+    return jobs
+
+
+async def _complete(request: Request, state: ServerState, engine: Engine, body: Sampling,
+                    prompt: list[int], shapes: list[Shape], guards: list[TextGuard | None]
+                    ) -> Response:
+    jobs = await _jobs(state, engine, body, prompt, guards)
+    if len(jobs) > 1:
+        return await _complete_n(request, state, engine, body, jobs, shapes)
+    shape = shapes[0]
+    events = engine.stream(jobs[0])
     streaming = False
     try:
         # The first event comes once a sequence is free: queue-full and engine errors
@@ -225,6 +242,50 @@ async def _complete(request: Request, state: ServerState, engine: Engine, body: 
     finally:
         if not streaming:
             await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _complete_n(request: Request, state: ServerState, engine: Engine, body: Sampling,
+                      jobs: list[GenerationRequest], shapes: list[Shape]) -> Response:
+    """`n` > 1: n sequences (the later ones copy the prompt the first computes)."""
+    for shape in shapes[1:]:  # one response: one id, one time
+        shape.id, shape.created = shapes[0].id, shapes[0].created
+    streams = [engine.stream(job) for job in jobs]
+    streaming = False
+    try:
+        if body.stream:
+            streaming = True
+            return EventStream(_stream_n(shapes, streams, body.include_usage, engine), state)
+        results = await _unless_gone(request, asyncio.gather(
+            *(_collect(events, shape) for events, shape in zip(streams, shapes, strict=True))))
+        if results is not None:
+            outcomes = {_outcome(done) for _, done in results}
+            engine.metrics.requests.labels(outcome="aborted" if "aborted" in outcomes
+                                           else "ok").inc()
+            return JSONResponse(choices.whole(shapes, list(results)).model_dump())
+        engine.metrics.requests.labels(outcome="cancelled").inc()
+        return Response(status_code=499)
+    finally:
+        if not streaming:
+            for events in streams:
+                await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _stream_n(shapes: list[Shape], streams: list[AsyncIterator[TextChunk | Finished]],
+                    include_usage: bool, engine: Engine) -> AsyncIterator[str]:
+    try:
+        async for line in choices.chunks(shapes, streams, include_usage, _sse):
+            yield line
+        engine.metrics.requests.labels(outcome="ok").inc()
+    except Exception as exc:  # the status line is sent: report in the stream
+        error = api_error_of(exc)
+        log.error("stream failed: %s", exc, exc_info=error.status == 500 and
+                  error.detail.code == "internal_error")
+        engine.metrics.requests.labels(outcome=_failure_outcome(error)).inc()
+        yield _sse(ErrorBody(error=error.detail))
+    finally:
+        for events in streams:
+            await events.aclose()  # type: ignore[attr-defined]
+    yield "data: [DONE]\n\n"
 
 
 # --- the app -------------------------------------------------------------------------------
@@ -278,19 +339,26 @@ def create_app(state: ServerState) -> FastAPI:
         # Templates and tokenizing take milliseconds per kB: off the event loop.
         prompt = await asyncio.to_thread(chat_prompt, body, engine.tokenizer, state.chat)
         tokens = await asyncio.to_thread(engine.tokenizer.encode, prompt.text)
-        guard = ThinkingBudget(prompt.budget, prompt.thinking)
-        reply = ReplyParser(prompt.thinking if prompt.split_reasoning else None, prompt.tools)
-        shape = ChatShape(name, fingerprint, reply=reply, guard=guard,
-                          logprobs=_logprobs(body, engine))
-        return await _complete(request, state, engine, body, tokens, shape, guard)
+        shapes: list[Shape] = []
+        guards: list[TextGuard | None] = []
+        for _ in range(body.n):  # each choice: its own guard, parser and shape
+            guard = ThinkingBudget(prompt.budget, prompt.thinking)
+            reply = ReplyParser(prompt.thinking if prompt.split_reasoning else None,
+                                prompt.tools)
+            shapes.append(ChatShape(name, fingerprint, reply=reply, guard=guard,
+                                    logprobs=_logprobs(body, engine)))
+            guards.append(guard)
+        return await _complete(request, state, engine, body, tokens, shapes, guards)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request, engine: Ready
                           ) -> Response:
-        shape = TextShape(served_name(engine, body.model), fingerprint,
-                          logprobs=_logprobs(body, engine))
+        name = served_name(engine, body.model)
+        shapes: list[Shape] = [TextShape(name, fingerprint, logprobs=_logprobs(body, engine))
+                               for _ in range(body.n)]
         tokens = await asyncio.to_thread(engine.tokenizer.encode, body.text)
-        return await _complete(request, state, engine, body, tokens, shape)
+        return await _complete(request, state, engine, body, tokens, shapes,
+                               [None] * body.n)
 
     @v1.get("/models")
     async def models(engine: Ready) -> ModelList:

@@ -3,7 +3,7 @@
 Every request field has a stated fate (the table in docs/clients.md): honoured; ignored
 (unknown fields, and known ones that change nothing a client relies on: logged once per
 field name); or refused with a 400 (what would change the output in a way we do not
-implement: another sampler, n > 1). `response_format`, llama-server's `grammar` and
+implement: another sampler). `response_format`, llama-server's `grammar` and
 `json_schema`, and a `tool_choice` that forces a call constrain decoding
 (`coordinator/constrain`): their grammar is made here (`grammar_spec`). Ranges
 follow the OpenAI API reference; `top_k`, `min_p`, `repeat_penalty`, `repeat_last_n`
@@ -40,6 +40,7 @@ from coordinator.constrain.grammar import (
 )
 
 log = logging.getLogger(__name__)
+MAX_CHOICES = 16  # `n`: choices a request may ask for (each is a sequence)
 MAX_STOP = 64  # stop strings a request may send (continue.dev's FIM sends 9)
 Stop = list[str]
 # Fields of OpenAI's and llama-server's requests that change nothing a client relies on
@@ -218,9 +219,9 @@ class Sampling(Request):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
+    def _choices(cls, n: int) -> int:
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n is the number of choices: 1 to {MAX_CHOICES}, got {n}")
         return n
 
     @property
