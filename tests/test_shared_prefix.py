@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cluster.sampling import SamplingParams
+from coordinator.engine.core import State
 from coordinator.engine.frontend import Engine, Generation
 from coordinator.engine.request import GenerationRequest
 from coordinator.ring.builder import build_ring
@@ -183,3 +184,44 @@ def test_the_draft_model_copies_a_prefix_another_slot_holds(demo_draft: Path) ->
     finally:
         copying.close()
         fresh.close()
+
+
+def test_a_worker_killed_after_a_copy_replays_the_prefix_from_its_tokens(
+        tiny_chat_model: Path) -> None:
+    """A rebuilt ring's slots are empty: the copied prefix is replayed from its tokens,
+    not copied again from a slot that no longer holds it (a replayed copy was refused and
+    the ring rebuilt until recovery gave up)."""
+    from coordinator.placement.local import LocalWorkers
+
+    workers = LocalWorkers(2).start()
+    built = build_ring(tiny_chat_model, workers=workers, ctx=1024, parallel=2, threads=1)
+    engine = start_engine(built, Tokenizer(tiny_chat_model), "tiny", costs=FREE_DRAFT)
+    try:
+        # A long first question: b shares under half of what a's slot holds, so b takes
+        # the empty slot and copies the system prompt from a's.
+        a = prompt(engine, "Review this code and say what it does: " + "x = x + 1; " * 60)
+        b = prompt(engine, "Explain generators.")
+        generate(engine, a)
+        copied0 = counter(engine, "specshard_prompt_tokens_copied_total")
+        seen = threading.Event()
+        got: list[Generation] = []
+
+        def run() -> None:
+            request = GenerationRequest(b, 64, ignore_eos=True, with_gaps=True)
+            got.append(engine.generate(request, lambda _text: seen.set()))
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert seen.wait(120)
+        workers.procs[1].kill()
+        t.join(300)
+        assert got, "the request did not finish"
+        assert got[0].stats.n_cached_tokens == common_prefix(a, b)  # it copied
+        assert counter(engine, "specshard_prompt_tokens_copied_total") - copied0 == \
+            common_prefix(a, b)
+        assert engine.core.epoch >= 1 and engine.core.state is State.RUNNING
+        cold = generate(engine, b, n=64, cache=False)
+        same_but_at_near_ties(got[0], cold)
+    finally:
+        engine.close()
+        built.close()

@@ -525,7 +525,10 @@ class EngineCore:
             if seq.done:
                 continue
             try:
-                seq.history.append((flight.batch.batch_id, piece))  # replayed if lost
+                # Replayed if the ring is lost. A copied prefix is replayed from its tokens
+                # (the history's first pieces): a rebuilt ring's source slot is empty.
+                seq.history.append((flight.batch.batch_id, piece if piece.copy_from < 0
+                                    else replace(piece, copy_from=-1)))
                 self._verdict(seq, piece, verdicts.get(piece.seq) if piece.judge else None,
                               out)
             except Exception as exc:  # this sequence's failure, not its neighbours'
