@@ -258,11 +258,17 @@ def test_a_gbnf_grammar_holds(served: Served) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("choice", ["required", "named"])
-def test_a_forced_tool_call_always_comes_with_valid_arguments(served: Served, choice: str
-                                                               ) -> None:
-    if served.draft and choice == "named":
-        pytest.skip("the draft round forces calls with \"required\"")
+def test_a_required_tool_call_always_comes_with_valid_arguments(served: Served) -> None:
+    forced_calls(served, "required")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", ["plain"], indirect=True)  # the draft: other tests
+def test_a_named_tool_call_always_comes_with_valid_arguments(served: Served) -> None:
+    forced_calls(served, "named")
+
+
+def forced_calls(served: Served, choice: str) -> None:
     client = served.client()
     named = {"type": "function", "function": {"name": "get_time"}}
 
@@ -285,9 +291,8 @@ def test_a_forced_tool_call_always_comes_with_valid_arguments(served: Served, ch
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("served", ["plain"], indirect=True)  # the draft: other tests
 def test_json_object_and_llama_server_json_schema(served: Served) -> None:
-    if served.draft:
-        pytest.skip("the draft round covers response_format json_schema (parse)")
     reply = served.post("/v1/chat/completions", {
         "messages": ask("Give me a JSON object about a cat."),
         "response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 60})
@@ -312,10 +317,9 @@ def test_json_object_and_llama_server_json_schema(served: Served) -> None:
     ({"response_format": {"type": "xml"}}, "response_format type 'xml'"),
     ({"grammar": "root ::= \"a\"", "json_schema": {"type": "object"}}, "send one"),
 ])
+@pytest.mark.parametrize("served", ["plain"], indirect=True)
 def test_an_invalid_schema_or_grammar_is_a_400_naming_it(served: Served, body: dict[str, Any],
                                                          says: str) -> None:
-    if served.draft:
-        pytest.skip("the same answer as without the draft")
     reply = served.post("/v1/chat/completions", {"messages": ask("hi"), "max_tokens": 4,
                                                  **body})
     assert reply.status_code == 400, reply.text
@@ -323,9 +327,8 @@ def test_an_invalid_schema_or_grammar_is_a_400_naming_it(served: Served, body: d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("served", ["plain"], indirect=True)  # the draft: other tests
 def test_props_and_cluster_say_what_is_on(served: Served) -> None:
-    if served.draft:
-        pytest.skip("the same answer as without the draft")
     for path in ("/props", "/v1/cluster"):
         info = httpx.get(served.url + path, timeout=WAIT).json()["constrained_decoding"]
         assert info["engine"] == "llguidance" and "json_schema" in info["response_format"]
@@ -380,9 +383,8 @@ def test_an_unparsable_grammar_names_the_problem(tokenizer: Tokenizer) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("served", ["plain"], indirect=True)  # the draft: other tests
 def test_langchain_with_structured_output(served: Served) -> None:
-    if served.draft:
-        pytest.skip("the openai SDK's rounds cover the draft")
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(base_url=served.url + "/v1", api_key="none", model="demo",  # type: ignore[arg-type]
