@@ -166,14 +166,24 @@ async def _stream(shape: Shape, first: TextChunk | Finished,
             yield _sse(shape.usage_only(event))
         engine.metrics.requests.labels(outcome=_outcome(event)).inc()
     except Exception as exc:  # the status line is sent: report in the stream, as OpenAI does
-        error = api_error_of(exc)
-        log.error("stream failed: %s", exc, exc_info=error.status == 500 and
-                  error.detail.code == "internal_error")
-        engine.metrics.requests.labels(outcome=_failure_outcome(error)).inc()
-        yield _sse(ErrorBody(error=error.detail))
+        yield _stream_failed(exc, engine)
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     yield "data: [DONE]\n\n"
+
+
+def _stream_failed(exc: Exception, engine: Engine) -> str:
+    """A stream's failure after its status line: logged, counted, and its error event."""
+    error = api_error_of(exc)
+    log.error("stream failed: %s", exc, exc_info=error.status == 500 and
+              error.detail.code == "internal_error")
+    engine.metrics.requests.labels(outcome=_failure_outcome(error)).inc()
+    return _sse(ErrorBody(error=error.detail))
+
+
+def _outcome_of_all(finishes: list[Finished]) -> str:
+    outcomes = {_outcome(done) for done in finishes}
+    return "aborted" if "aborted" in outcomes else "ok"
 
 
 def _failure_outcome(error: ApiError) -> str:
@@ -258,9 +268,8 @@ async def _complete_n(request: Request, state: ServerState, engine: Engine, body
         results = await _unless_gone(request, asyncio.gather(
             *(_collect(events, shape) for events, shape in zip(streams, shapes, strict=True))))
         if results is not None:
-            outcomes = {_outcome(done) for _, done in results}
-            engine.metrics.requests.labels(outcome="aborted" if "aborted" in outcomes
-                                           else "ok").inc()
+            engine.metrics.requests.labels(
+                outcome=_outcome_of_all([done for _, done in results])).inc()
             return JSONResponse(choices.whole(shapes, list(results)).model_dump())
         engine.metrics.requests.labels(outcome="cancelled").inc()
         return Response(status_code=499)
@@ -272,16 +281,13 @@ async def _complete_n(request: Request, state: ServerState, engine: Engine, body
 
 async def _stream_n(shapes: list[Shape], streams: list[AsyncIterator[TextChunk | Finished]],
                     include_usage: bool, engine: Engine) -> AsyncIterator[str]:
+    finished: dict[int, Finished] = {}
     try:
-        async for line in choices.chunks(shapes, streams, include_usage, _sse):
+        async for line in choices.chunks(shapes, streams, include_usage, _sse, finished):
             yield line
-        engine.metrics.requests.labels(outcome="ok").inc()
+        engine.metrics.requests.labels(outcome=_outcome_of_all(list(finished.values()))).inc()
     except Exception as exc:  # the status line is sent: report in the stream
-        error = api_error_of(exc)
-        log.error("stream failed: %s", exc, exc_info=error.status == 500 and
-                  error.detail.code == "internal_error")
-        engine.metrics.requests.labels(outcome=_failure_outcome(error)).inc()
-        yield _sse(ErrorBody(error=error.detail))
+        yield _stream_failed(exc, engine)
     finally:
         for events in streams:
             await events.aclose()  # type: ignore[attr-defined]

@@ -56,9 +56,11 @@ def whole(shapes: list[Shape], results: list[tuple[str, Finished]]) -> BaseModel
 
 
 async def chunks(shapes: list[Shape], streams: list[Events], include_usage: bool,
-                 sse: Callable[[BaseModel], str]) -> AsyncIterator[str]:
+                 sse: Callable[[BaseModel], str], done: dict[int, Finished]
+                 ) -> AsyncIterator[str]:
     """Every choice's chunks as its tokens come (choices interleave), then, when asked,
-    one usage chunk for all. Ends with the first failure (the caller reports it)."""
+    one usage chunk for all; `done` gets each choice's end. Ends with the first failure
+    (the caller reports it)."""
     queue: asyncio.Queue[tuple[int, TextChunk | Finished | BaseException]] = asyncio.Queue()
 
     async def pump(i: int) -> None:
@@ -69,7 +71,6 @@ async def chunks(shapes: list[Shape], streams: list[Events], include_usage: bool
             await queue.put((i, exc))
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
-    done: dict[int, Finished] = {}
     try:
         for i, shape in enumerate(shapes):
             for obj in indexed(shape.opening(), i):
