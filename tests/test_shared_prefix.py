@@ -225,3 +225,19 @@ def test_a_worker_killed_after_a_copy_replays_the_prefix_from_its_tokens(
     finally:
         engine.close()
         built.close()
+
+
+def test_with_sharing_off_the_prefix_is_computed(tiny_chat_model: Path) -> None:
+    """`serve --no-share-prefix`: the same requests as above, nothing copied."""
+    built = build_ring(tiny_chat_model, stages=2, ctx=1024, parallel=2, threads=1)
+    engine = start_engine(built, Tokenizer(tiny_chat_model), "tiny", costs=FREE_DRAFT,
+                          options=EngineOptions(share_prefix=False))
+    try:
+        a = prompt(engine, "Review this code and say what it does: " + "x = x + 1; " * 60)
+        generate(engine, a)
+        second = generate(engine, prompt(engine, "What is a tuple?"))
+        assert second.stats.n_cached_tokens == 0
+        assert counter(engine, "specshard_prompt_tokens_copied_total") == 0
+    finally:
+        engine.close()
+        built.close()
