@@ -60,6 +60,7 @@ bench: models
 	$(BIN)/python bench/pipeline.py --rounds 3
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/spec.py
+	$(BIN)/python bench/runahead.py
 	$(BIN)/python bench/stage_overhead.py --rounds 5
 	$(BIN)/python bench/batch_numerics.py
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from bench.clients import spread_clients  # noqa: E402
 from bench.machine import report  # noqa: E402
 from bench.rpc_baseline import Batched, run_llama  # noqa: E402
 from bench.throughput import TOPICS, percentile  # noqa: E402
@@ -71,34 +72,20 @@ def clients(url: str, asks: list[str], n_tokens: int, spread: float) -> dict[str
     n = len(asks)
     stamps: list[list[float]] = [[] for _ in range(n)]
     sent = [0.0] * n
-    errors: list[BaseException] = []
-    origin = time.perf_counter() + 0.5
 
-    def one(i: int) -> None:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800,
-                               max_retries=0)
-        time.sleep(max(origin + spread * i / n - time.perf_counter(), 0.0))
+    def one(client: openai.OpenAI, i: int) -> None:
         sent[i] = time.perf_counter()
-        try:
-            stream = client.chat.completions.create(
-                model="", messages=[{"role": "user", "content": asks[i]}], stream=True,
-                max_tokens=n_tokens, temperature=0,
-                # Each run starts cold: the same prompts went through before.
-                extra_body={"ignore_eos": True, "cache_prompt": False})
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    stamps[i].append(time.perf_counter())
-        except BaseException as exc:  # reported, not swallowed: the run is invalid
-            errors.append(exc)
+        stream = client.chat.completions.create(
+            model="", messages=[{"role": "user", "content": asks[i]}], stream=True,
+            max_tokens=n_tokens, temperature=0,
+            # Each run starts cold: the same prompts went through before.
+            extra_body={"ignore_eos": True, "cache_prompt": False})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps[i].append(time.perf_counter())
 
     rows0 = histogram_mean(url, "specshard_batch_decode_rows")
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
+    spread_clients(url, n, spread, one)
     rows1 = histogram_mean(url, "specshard_batch_decode_rows")
     end = max(s[-1] for s in stamps)
     ttft = [s[0] - t for s, t in zip(stamps, sent, strict=True)]

@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from bench.clients import spread_clients  # noqa: E402
 from bench.machine import report  # noqa: E402
 from bench.turns import QUESTIONS, SYSTEM_LINE  # noqa: E402
 from cluster import models  # noqa: E402
@@ -56,35 +56,21 @@ def counter(url: str, name: str) -> float:
 
 def clients(url: str, system: str, n: int, n_tokens: int, spread: float) -> dict[str, Any]:
     ttft = [0.0] * n
-    errors: list[BaseException] = []
     computed0 = counter(url, "specshard_prompt_tokens_computed_total")
     copied0 = counter(url, "specshard_prompt_tokens_copied_total")
-    origin = time.perf_counter() + 0.5
 
-    def one(i: int) -> None:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800,
-                               max_retries=0)
-        time.sleep(max(origin + spread * i / n - time.perf_counter(), 0.0))
+    def one(client: openai.OpenAI, i: int) -> None:
         t0 = time.perf_counter()
-        try:
-            stream = client.chat.completions.create(
-                model="", stream=True, max_tokens=n_tokens, temperature=0,
-                messages=[{"role": "system", "content": system},
-                          {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                extra_body={"ignore_eos": True})
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and not ttft[i]:
-                    ttft[i] = time.perf_counter() - t0
-        except BaseException as exc:  # reported, not swallowed: the run is invalid
-            errors.append(exc)
+        stream = client.chat.completions.create(
+            model="", stream=True, max_tokens=n_tokens, temperature=0,
+            messages=[{"role": "system", "content": system},
+                      {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and not ttft[i]:
+                ttft[i] = time.perf_counter() - t0
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"{len(errors)} client(s) failed: {errors[0]!r}")
+    origin = spread_clients(url, n, spread, one)
     return {"ttft_s_p50": round(statistics.median(ttft), 3), "ttft_s_max": round(max(ttft), 3),
             "all_done_s": round(time.perf_counter() - origin, 3),
             "prompt_computed": int(counter(url, "specshard_prompt_tokens_computed_total")

@@ -78,17 +78,19 @@ def judge(piece: Slice, logits: np.ndarray, tokens: Sequence[int] = ()) -> SeqRe
     the sequence's tokens by position (needed when the request has penalties)."""
     raw = logits
     logits = transformed_rows(piece, logits, tokens)
+    guesses = piece.guesses
     if piece.sampling.greedy:  # the hot path of greedy decoding: one argmax per row
         best = [int(i) for i in logits.argmax(axis=1)]
-        draft = piece.draft
-        n = next((i for i, guess in enumerate(draft) if best[i] != guess), len(draft))
+        n = next((i for i, guess in enumerate(guesses) if best[i] != guess), len(guesses))
+        emitted = min(n + 1, len(best))  # a link accepted: no token drawn after it
         return with_logprobs(piece, raw, SeqResult(
-            seq=piece.seq, accepted=list(draft[:n]), next_token=best[n],
-            top2_gaps=[top2_gap(logits[i], best[i]) for i in range(n + 1)],
+            seq=piece.seq, accepted=list(guesses[:n]),
+            next_token=best[n] if n < len(best) else -1,
+            top2_gaps=[top2_gap(logits[i], best[i]) for i in range(emitted)],
             logits=raw if piece.return_logits else None))
     rng = np.random.default_rng(piece.step_seed)
-    verdict = verify(logits, piece.draft, piece.draft_dists, piece.sampling, rng)
-    emitted = len(verdict.accepted) + 1
+    verdict = verify(logits, guesses, piece.draft_dists, piece.sampling, rng)
+    emitted = len(verdict.accepted) + (verdict.next_token >= 0)
     return with_logprobs(piece, raw, SeqResult(
         seq=piece.seq, accepted=list(verdict.accepted), next_token=int(verdict.next_token),
         top2_gaps=[top2_gap(logits[i]) for i in range(emitted)],

@@ -40,6 +40,10 @@ class Slice:
     # Every stage first makes `seq` hold what sequence `copy_from` holds at positions
     # 0 .. start − 1 (a shared prompt prefix: llama.cpp's memory seq_cp); -1: no copy.
     copy_from: int = -1
+    # Run-ahead speculation: a draft guess for the position after the last row, judged at
+    # that row instead of drawing a bonus token (the next window, already sent, starts
+    # with it); `draft_dists` then has n_draft + 1 entries. -1: none.
+    link: int = -1
 
     @property
     def end(self) -> int:
@@ -48,6 +52,11 @@ class Slice:
     @property
     def draft(self) -> list[int]:
         return self.tokens[len(self.tokens) - self.n_draft:] if self.n_draft else []
+
+    @property
+    def guesses(self) -> list[int]:
+        """What the judged rows verify: the guesses among the rows, then the link."""
+        return [*self.draft, self.link] if self.link >= 0 else self.draft
 
     @property
     def judged_rows(self) -> list[int]:
@@ -82,11 +91,12 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class SeqResult:
-    """The last worker's verdict on one judged slice: accepted guesses plus one token."""
+    """The last worker's verdict on one judged slice: accepted guesses plus one token —
+    none when every guess was accepted, a slice's link included (`next_token` −1)."""
 
     seq: int
     accepted: list[int]
-    next_token: int
+    next_token: int  # the correction or the bonus token; -1: none (the link accepted)
     top2_gaps: list[float]  # target logit margin of each emitted token: near-tie evidence
     logits: np.ndarray | None = None  # judged rows × n_vocab, when the slice asked
     error: str = ""  # this slice alone could not be judged: why (the rest were)
@@ -95,7 +105,7 @@ class SeqResult:
 
     @property
     def tokens(self) -> list[int]:
-        return [*self.accepted, self.next_token]
+        return [*self.accepted, self.next_token] if self.next_token >= 0 else self.accepted
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample
 @dataclass(frozen=True)
 class Verdict:
     accepted: list[int]  # the accepted prefix of the guesses
-    next_token: int  # the correction after a rejection, or the bonus token
+    next_token: int  # the correction after a rejection, or the bonus token; -1: none
 
 
 def residual(p: SparseDist, q: SparseDist) -> SparseDist:
@@ -37,8 +37,10 @@ def residual(p: SparseDist, q: SparseDist) -> SparseDist:
 
 def verify(logits: np.ndarray, draft: Sequence[int], draft_dists: Sequence[SparseDist],
            params: SamplingParams, rng: np.random.Generator) -> Verdict:
-    """logits[i] is the target's row after guess i (row 0: after the last real token)."""
-    if len(logits) != len(draft) + 1:
+    """logits[i] is the target's row after guess i (row 0: after the last real token).
+    One row per guess: the last guess is a link (run-ahead), no bonus token is drawn
+    when every guess is accepted (next_token −1). One more row: the bonus row."""
+    if len(logits) not in (len(draft), len(draft) + 1) or not len(logits):
         raise ValueError(f"{len(logits)} logit rows for {len(draft)} guesses")
     if params.greedy:
         raise ValueError("greedy slices are judged by cluster.judge.judge (argmax match)")
@@ -53,4 +55,6 @@ def verify(logits: np.ndarray, draft: Sequence[int], draft_dists: Sequence[Spars
             accepted.append(guess)
             continue
         return Verdict(accepted, sample(residual(p, q), rng))
+    if len(logits) == len(draft):
+        return Verdict(accepted, -1)
     return Verdict(accepted, sample(filtered_probs(logits[len(draft)], params), rng))

@@ -108,7 +108,8 @@ def slice_to_wire(s: Slice) -> pb.Slice:
                     draft_dists=[dist_to_wire(d) for d in s.draft_dists],
                     sampling=sampling_to_wire(s.sampling), step_seed=s.step_seed,
                     judge=s.judge, return_logits=s.return_logits, masks=s.masks,
-                    copy_from=s.copy_from if s.copy_from >= 0 else None)
+                    copy_from=s.copy_from if s.copy_from >= 0 else None,
+                    link=s.link if s.link >= 0 else None)
 
 
 def slice_from_wire(msg: pb.Slice) -> Slice:
@@ -118,11 +119,15 @@ def slice_from_wire(msg: pb.Slice) -> Slice:
     if not n and (msg.n_draft or msg.draft_dists or msg.judge):
         raise InvalidForward(f"an empty slice of sequence {msg.seq} only truncates: "
                              "no guesses, no verdict")
+    link = msg.HasField("link")
+    if link and not (n and msg.judge):
+        raise InvalidForward(f"a link guess for sequence {msg.seq} needs judged rows")
+    n_guesses = msg.n_draft + link  # the link is judged at the last row
     dists = [dist_from_wire(d) for d in msg.draft_dists]
-    if dists and len(dists) != msg.n_draft:
-        raise InvalidForward(f"{len(dists)} draft distributions for {msg.n_draft} guesses")
+    if dists and len(dists) != n_guesses:
+        raise InvalidForward(f"{len(dists)} draft distributions for {n_guesses} guesses")
     sampling = sampling_from_wire(msg.sampling)
-    if msg.judge and not sampling.greedy and len(dists) != msg.n_draft:
+    if msg.judge and not sampling.greedy and len(dists) != n_guesses:
         raise InvalidForward("sampled verification needs the draft's distributions")
     if msg.HasField("copy_from") and (msg.copy_from == msg.seq or not n):
         raise InvalidForward(f"sequence {msg.seq} cannot copy from sequence "
@@ -134,7 +139,8 @@ def slice_from_wire(msg: pb.Slice) -> Slice:
     return Slice(seq=msg.seq, start=msg.start, tokens=list(msg.tokens), sampling=sampling,
                  n_draft=msg.n_draft, draft_dists=dists, step_seed=msg.step_seed,
                  judge=msg.judge, return_logits=msg.return_logits, masks=masks,
-                 copy_from=msg.copy_from if msg.HasField("copy_from") else -1)
+                 copy_from=msg.copy_from if msg.HasField("copy_from") else -1,
+                 link=msg.link if link else -1)
 
 
 def batch_to_wire(acts: Activations, f16: bool = False) -> list[pb.ForwardMessage]:

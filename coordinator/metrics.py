@@ -39,6 +39,12 @@ class Metrics:
                                 buckets=_MS, registry=r)
         self.draft_ms = Histogram("specshard_draft_ms", "Time to draft one micro-batch",
                                   buckets=_MS, registry=r)
+        self.windows = Counter("specshard_windows", "Judged windows sent: a chain's first "
+                               "(after a verdict) or run ahead of a verdict", ["kind"],
+                               registry=r)
+        self.stale_windows = Counter("specshard_windows_stale", "Run-ahead windows whose "
+                                     "verdict was dropped: a verdict before them broke "
+                                     "their chain", registry=r)
         self.ttft_s = Histogram("specshard_time_to_first_token_seconds",
                                 "Arrival to first token", buckets=_S, registry=r)
         self.batch_rows = Histogram("specshard_batch_rows", "Rows per micro-batch",

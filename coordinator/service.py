@@ -69,7 +69,7 @@ def open_drafter(mode: str, draft: str | None, model: Path, ctx: int, parallel: 
     path = models.resolve(draft, "draft")
     check_vocab(model, path)
     return DraftModel(DraftConfig(path, n_ctx=ctx, n_seq_max=parallel,
-                                  n_threads=max(threads, 1)))
+                                  n_threads=check_threads(threads)))
 
 
 def start_engine(built: BuiltRing, tokenizer: Tokenizer, name: str,
@@ -139,16 +139,24 @@ def _workers(s: ServeSettings) -> tuple[WorkerSet, bool]:
     return StaticWorkers(s.worker, token, tls, wait_s=s.worker_wait), False
 
 
-def gamma_config(fixed: int | None, gamma_max: int) -> GammaConfig:
-    """`--gamma` and `--gamma-max`, checked once for every command."""
+def check_threads(threads: int) -> int:
+    """`--threads` (llama.cpp threads per stage and for the draft), checked once for every
+    command."""
+    if threads < 1:
+        raise SpecshardError("--threads must be at least 1")
+    return threads
+
+
+def gamma_config(fixed: int | None, gamma_max: int, depth: int | None = None) -> GammaConfig:
+    """`--gamma`, `--gamma-max` and `--spec-depth`, checked once for every command."""
     try:
-        return GammaConfig(fixed=fixed, gamma_max=gamma_max)
+        return GammaConfig(fixed=fixed, gamma_max=gamma_max, depth=depth)
     except ValueError as exc:
-        raise SpecshardError(f"--gamma/--gamma-max: {exc}") from None
+        raise SpecshardError(f"--gamma/--gamma-max/--spec-depth: {exc}") from None
 
 
 def engine_options(s: ServeSettings) -> EngineOptions:
-    gamma = gamma_config(s.gamma, s.gamma_max)
+    gamma = gamma_config(s.gamma, s.gamma_max, s.spec_depth)
     return EngineOptions(queue_size=s.queue_size, max_batch_tokens=s.max_batch_tokens,
                          prefill_chunk=s.prefill_chunk, micro_batches=s.micro_batches,
                          max_stall=s.max_stall, gamma=gamma, cache_prompt=s.cache_prompt,
@@ -159,6 +167,7 @@ def start_cluster(s: ServeSettings, progress: bool = False) -> RunningCluster:
     """Workers, the ring, the drafter and the engine, as `serve` and `demo` run them."""
     if s.parallel < 1 or s.ctx < 1:
         raise SpecshardError("need --parallel ≥ 1 and --ctx ≥ 1")
+    check_threads(s.threads)
     options = engine_options(s)
     model = models.resolve(s.model)
     header = read_header(model)

@@ -44,6 +44,9 @@ class ServeSettings(BaseSettings):
     threads: int = Field(1, description="llama.cpp threads per worker")
     gamma: int | None = Field(None, description="fixed draft length (default: adaptive)")
     gamma_max: int = Field(16, description="adaptive draft length's upper bound")
+    spec_depth: int | None = Field(
+        None, description="verify windows of one sequence in flight (run-ahead "
+        "speculation; 1: synchronous; default: chosen by the measured costs)")
     max_batch_tokens: int = Field(512, description="rows per micro-batch while sequences "
                                                    "decode (bounds their inter-token "
                                                    "latency when a prompt arrives)")
@@ -54,6 +57,9 @@ class ServeSettings(BaseSettings):
     micro_batches: int | None = Field(None, description="micro-batches in flight (default: "
                                                         "the number of stages)")
     name: str = Field("", description="model name in the API (default: the file's stem)")
+    alias: list[str] = Field(default_factory=list,
+                             description="another name /v1/models lists and "
+                                         "--strict-model-name accepts (repeat)")
     reasoning_format: str = Field("deepseek", description="deepseek: a reasoning model's "
                                   "thinking goes to reasoning_content, apart from content "
                                   "(as llama-server); none: the raw text")
@@ -121,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"help": field.description, "default": None}
         if name == "worker":
             kwargs.update(action="append", metavar="HOST:PORT")
+        elif name == "alias":
+            kwargs.update(action="append", metavar="NAME")
         elif name == "ray":
             kwargs.update(nargs="?", const="auto", metavar="ADDRESS")
         elif field.annotation in (int, int | None):

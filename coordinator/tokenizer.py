@@ -45,6 +45,7 @@ class ChatTemplate:
     for), so `tools` and extra variables such as `enable_thinking` reach it."""
 
     def __init__(self, source: str) -> None:
+        self.source = source  # what /props reports as the template in use
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True,
             extensions=[loopcontrols, Jinja2ChatFormatter.IgnoreGenerationTags])

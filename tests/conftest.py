@@ -8,11 +8,16 @@ os.environ["SPECSHARD_OWNER_CHECK"] = "1"
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from cluster import models  # noqa: E402
+from cluster.stage_cut import StageSpec, split_at  # noqa: E402
+from coordinator.placement.local import LocalWorkers  # noqa: E402
+from coordinator.ring.builder import BuiltRing, build_ring  # noqa: E402
+from coordinator.speculation.draft import DraftConfig, DraftModel  # noqa: E402
 from tests.tiny_gguf import write_tiny_model  # noqa: E402
 
 
@@ -58,3 +63,46 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory, demo_target: Path)
     for end-to-end tests where the demo model's answers add nothing."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat.gguf",
                             vocab_from=demo_target, n_ctx=4096)
+
+
+def _demo_sizes(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """(context, slots) for `ring` and `drafter`: the requesting module's N_CTX (1024 if
+    it has none) and RING_SLOTS (1 if it has none)."""
+    return (int(getattr(request.module, "N_CTX", 1024)),
+            int(getattr(request.module, "RING_SLOTS", 1)))
+
+
+@contextmanager
+def local_ring(model: Path, split: list[StageSpec], ctx: int, parallel: int = 1
+               ) -> Iterator[BuiltRing]:
+    """`model` on one local gRPC worker per stage of `split`, one thread each."""
+    workers = LocalWorkers(len(split)).start()
+    try:
+        built = build_ring(model, workers=workers, ctx=ctx, parallel=parallel, threads=1,
+                           split=split)
+    except BaseException:
+        workers.stop()
+        raise
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture(scope="module")
+def ring(request: pytest.FixtureRequest, demo_target: Path) -> Iterator[BuiltRing]:
+    """The demo target on two local gRPC workers, 14 layers each; one per test module,
+    sized by the module (`_demo_sizes`)."""
+    ctx, slots = _demo_sizes(request)
+    with local_ring(demo_target, split_at(28, [14]), ctx, slots) as built:
+        yield built
+
+
+@pytest.fixture(scope="module")
+def drafter(request: pytest.FixtureRequest, demo_draft: Path) -> Iterator[DraftModel]:
+    """The demo draft model in this process, sized like `ring`."""
+    ctx, slots = _demo_sizes(request)
+    # One thread: on two cores shared with two workers, two draft threads ran 3× slower.
+    d = DraftModel(DraftConfig(demo_draft, n_ctx=ctx, n_seq_max=slots, n_threads=1))
+    yield d
+    d.close()

@@ -158,6 +158,44 @@ def test_one_worker_per_gpu_listed_in_ring_order(tmp_path: Path) -> None:
                      r"\$SPECSHARD_WORKER_LISTEN ", unit, re.MULTILINE)
 
 
+def test_the_example_inventory_serves_qwq_with_yarn_and_qwens_sampling(tmp_path: Path
+                                                                       ) -> None:
+    """The example inventory's settings (its group_vars beside a one-box inventory) render
+    into a serve command that serve's own parser reads as 16k with YaRN and Qwen's
+    sampling."""
+    import argparse
+
+    from coordinator.settings import add_arguments, from_args
+
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+             "ansible_host": "10.0.0.1", "preflight_gpu_indices": [0]}
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps({"cluster": {"children": {
+        "coordinator": {"hosts": {"box1": local}},
+        "gpu_workers": {"hosts": {"box1": local}}}}}))
+    (tmp_path / "group_vars" / "all").mkdir(parents=True)
+    shutil.copy(EXAMPLE.parent / "group_vars" / "all" / "main.yml",
+                tmp_path / "group_vars" / "all" / "main.yml")
+    play_file = tmp_path / "ring.yml"
+    play_file.write_text(RING_PLAY)
+    paths = {"out": str(tmp_path), "templates": str(ANSIBLE / "roles/services/templates"),
+             # what the vault holds (vault.yml.example)
+             "vault_specshard_worker_token": "t" * 32, "vault_specshard_api_key": "k" * 32}
+    result = run([str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", json.dumps(paths),
+                  str(play_file)], timeout=300, tmp=tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    serve = json.loads((tmp_path / "box1.json").read_text())["serve"]
+    assert "--rope-scaling=yarn" in serve and "--temp=0.6" in serve
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_args(parser.parse_args(serve))
+    assert (settings.ctx, settings.parallel) == (16384, 1)
+    assert (settings.rope_scaling, settings.rope_scale, settings.yarn_orig_ctx) == \
+        ("yarn", 4.0, 32768)
+    assert (settings.temp, settings.top_p, settings.top_k, settings.min_p) == \
+        (0.6, 0.95, 40, 0.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -254,6 +292,7 @@ def local_deploy(tmp_path: Path) -> Iterator[LocalDeploy]:
         "specshard_venv_site_dirs": [sysconfig.get_paths()["purelib"]],
         "specshard_pip_args": ["--no-deps", "--no-build-isolation", "--quiet"],
         "specshard_llama_cpp_build": False,
+        "specshard_wheelhouse": "",  # no wheels gathered (the default gathers them)
         "specshard_model_target": {"filename": target.name, "path": str(target.resolve())},
         "specshard_worker_listen": f"127.0.0.1:{port}",
         "specshard_worker_token": token,
@@ -350,6 +389,73 @@ def test_the_controller_download_resumes_and_checks_the_sha256(tmp_path: Path) -
                              capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "expected 000" in bad.stderr
     assert not (tmp_path / "bad.gguf").exists() and not (tmp_path / "bad.gguf.part").exists()
+
+
+COPY = ANSIBLE / "roles" / "models" / "files" / "model_copy.py"
+# ssh as the receiving box's sshd runs a key with a forced command: the forced command,
+# with the client's command (the last two arguments) in SSH_ORIGINAL_COMMAND.
+FAKE_SSH = f"""#!{sys.executable}
+import os, sys
+with open(os.environ["FAKE_SSH_ARGS"], "w") as out:
+    out.write("\\n".join(sys.argv[1:]))
+os.environ.update(SSH_ORIGINAL_COMMAND=" ".join(sys.argv[-2:]), SSH_CLIENT="10.0.0.1 4000 22")
+forced = os.environ["FAKE_SSH_FORCED"].split()
+os.execv(forced[0], forced)
+"""
+
+
+def test_the_box_to_box_copy_resumes_and_checks_the_sha256(tmp_path: Path) -> None:
+    """model_copy.py send to model_copy.py receive (the copy key's forced command, run
+    by a stand-in for ssh as sshd would): the copy resumes from the part an interrupted
+    one kept, a box that holds the file receives nothing, a name the forced command does
+    not list is refused, a wrong sha256 keeps no file, and kept bytes that do not check
+    out are dropped and the copy starts over."""
+    blob = tmp_path / "src" / "m.gguf"
+    blob.parent.mkdir()
+    blob.write_bytes(os.urandom(3 << 20))
+    sha = hashlib.sha256(blob.read_bytes()).hexdigest()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_SSH)
+    fake.chmod(0o755)
+    args_file = tmp_path / "ssh-args"
+
+    def send(name: str = "m.gguf", want: str = sha) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+                   FAKE_SSH_ARGS=str(args_file),
+                   FAKE_SSH_FORCED=f"{sys.executable} {COPY} receive --dir {dest} "
+                                   f"--file m.gguf={want}")
+        return subprocess.run(
+            [sys.executable, str(COPY), "send", "--path", str(blob), "--name", name,
+             "--to", "10.0.0.2", "--key", str(tmp_path / "key"),
+             "--known-hosts", str(tmp_path / "known_hosts"), "--alias", "box2"],
+            capture_output=True, text=True, timeout=60, env=env)
+
+    part = dest / ".m.gguf.part"
+    part.write_bytes(blob.read_bytes()[:1 << 20])  # what an interrupted copy kept
+    first = send()
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) | {"seconds": 0} == {
+        "result": "sent", "from": 1 << 20, "bytes": 2 << 20, "seconds": 0}
+    assert (dest / "m.gguf").read_bytes() == blob.read_bytes() and not part.exists()
+    ssh_args = args_file.read_text().split("\n")
+    for option in ("IdentitiesOnly=yes", "BatchMode=yes", "StrictHostKeyChecking=yes",
+                   f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "HostKeyAlias=box2"):
+        assert option in ssh_args
+    assert ssh_args[-3:] == ["10.0.0.2", "receive", "m.gguf"]
+    assert json.loads(send().stdout)["result"] == "present"
+    refused = send(name="other.gguf")
+    assert refused.returncode == 1 and "refused: 'receive other.gguf'" in refused.stderr
+    (dest / "m.gguf").unlink()
+    wrong = send(want="0" * 64)
+    assert wrong.returncode == 1 and "expected 000" in wrong.stderr
+    assert not list(dest.iterdir())
+    part.write_bytes(os.urandom(1000))  # kept bytes that are not the model's
+    again = send()
+    assert again.returncode == 0 and json.loads(again.stdout)["from"] == 0, again.stderr
+    assert (dest / "m.gguf").read_bytes() == blob.read_bytes() and not part.exists()
 
 
 CA_PLAY = """

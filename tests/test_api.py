@@ -168,6 +168,20 @@ def test_stop_sequence_ends_the_text_before_it(served: Served) -> None:
 
 
 @pytest.mark.slow
+def test_a_temperature_near_zero_is_served_greedy(served: Served) -> None:
+    """Temperatures of 1e-300 and 5e-324 give the text temperature 0 gives. (5e-324
+    overflows the last worker's softmax, tests/test_serve.py: the API serves it greedy.)"""
+    client = served.client()
+    greedy, *tiny = (client.chat.completions.create(model=MODEL, messages=HAIKU,
+                                                    max_tokens=12, temperature=t, seed=7)
+                     for t in (0, 1e-300, 5e-324))
+    assert greedy.choices[0].message.content
+    for answer in tiny:
+        assert answer.choices[0].message.content == greedy.choices[0].message.content
+        assert answer.choices[0].finish_reason == greedy.choices[0].finish_reason
+
+
+@pytest.mark.slow
 def test_max_tokens_ends_with_length(served: Served) -> None:
     answer = served.client().chat.completions.create(
         model="", messages=STORY, max_completion_tokens=5, temperature=0.7,

@@ -8,8 +8,10 @@ deterministic under greedy decoding, which is all these tests compare).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,12 @@ from cluster.gguf_file import read_header
 from coordinator.api.app import ServerState, create_app
 from coordinator.api.sampling_defaults import SamplingDefaults, from_gguf, sampling_defaults
 from coordinator.api.server import ServerThread
+from coordinator.api.templates import chat_options
+from coordinator.commands.serve import server_state
 from coordinator.engine.frontend import Engine
 from coordinator.ring.builder import build_ring
 from coordinator.service import EngineOptions, start_engine
+from coordinator.settings import add_arguments, from_args
 from coordinator.tokenizer import Tokenizer
 from tests.tiny_gguf import write_tiny_model
 
@@ -111,11 +116,22 @@ def test_props_reports_the_context_and_the_defaults(served: Served) -> None:
 # --- fields and their fates ---------------------------------------------------------------
 
 def test_nine_stop_strings_are_served_and_65_refused(served: Served) -> None:
+    """continue.dev's 9 FIM stop strings, one of them replaced by a piece of what the
+    model answers without stops: the answer ends before that piece."""
+    def ask(stops: list[str] | None) -> Any:
+        return served.client().completions.create(
+            model=MODEL, prompt="def f():", max_tokens=8, temperature=0, stop=stops,
+            extra_body={"ignore_eos": True}).choices[0]
+
+    free = ask(None).text
+    middle = free[len(free) // 2:]
+    assert middle.strip(), free  # greedy noise from random weights, but some text
     stops = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>", "\n\n\n",
-             "<|im_end|>", "<|file_sep|>", "```", "/src/"]
-    reply = served.client().completions.create(model=MODEL, prompt="def f():", max_tokens=3,
-                                               temperature=0, stop=stops)
-    assert reply.choices[0].finish_reason in ("stop", "length")
+             "<|im_end|>", "<|file_sep|>", "```", middle[:2]]
+    cut = min(free.find(stop) for stop in stops if stop in free)
+    assert 0 < cut < len(free), free  # some text before the stop, and some cut off
+    reply = ask(stops)
+    assert reply.text == free[:cut] and reply.finish_reason == "stop"
     with pytest.raises(openai.BadRequestError) as caught:
         served.client().completions.create(model=MODEL, prompt="x", max_tokens=1,
                                            stop=[str(i) for i in range(65)])
@@ -131,6 +147,12 @@ def test_nine_stop_strings_are_served_and_65_refused(served: Served) -> None:
     ({"logit_bias": {"5": 500}}, "logit_bias values are in [-100, 100]"),
     ({"min_p": 2}, "min_p"),
     ({"presence_penalty": 3}, "presence_penalty"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "send `tools`"),
+    ({"function_call": {"name": "f"}}, "`tool_choice` with `tools`"),
+    ({"n_probs": 3}, "send `logprobs`"),
+    ({"return_tokens": True}, "/tokenize"),
+    ({"image_data": [{"data": "aGk=", "id": 1}]}, "text only"),
+    ({"min_keep": 5}, "`min_keep` is not supported"),
 ])
 def test_what_would_change_the_output_unimplemented_is_refused(
         served: Served, body: dict[str, Any], says: str) -> None:
@@ -142,7 +164,11 @@ def test_a_plain_text_response_format_and_ignored_fields_are_served(
     with caplog.at_level(logging.INFO, logger="coordinator.api.schema"):
         for _ in range(2):
             reply = served.chat(response_format={"type": "text"}, t_max_predict_ms=5000,
-                                typical_p=1.0, user="me", n_predict=3)
+                                typical_p=1.0, user="me", n_predict=3,
+                                # the refused fields, off: nothing asked for
+                                functions=[], function_call="auto", n_probs=0,
+                                return_tokens=False, image_data=[], min_keep=0,
+                                response_fields=["content"])
             assert reply.status_code == 200, reply.text
     said = [r.getMessage() for r in caplog.records if "t_max_predict_ms" in r.getMessage()]
     assert len(said) == 1 and "ignored" in said[0]  # once per field name
@@ -214,6 +240,60 @@ def test_a_hard_coded_model_name_is_served(served: Served) -> None:
     reply = served.client().chat.completions.create(model="gpt-4o", messages=USER,  # type: ignore[arg-type]
                                                     max_tokens=2, temperature=0)
     assert reply.choices[0].message.content is not None
+
+
+@contextmanager
+def serving(served: Served, model: Path, flags: list[str]) -> Iterator[Served]:
+    """Another API over the fixture's engine, its state built as `serve` builds it from
+    these flags (no second model is loaded)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = from_args(parser.parse_args(flags))
+    state = server_state(s, KEY, chat_options(s.reasoning_format, s.reasoning_budget,
+                                              s.chat_template_file), model)
+    state.engine = served.engine
+    with ServerThread(create_app(state)) as server:
+        yield Served(server.url, served.engine, served.tokenizer)
+
+
+def test_aliases_are_listed_and_accepted_by_strict_names(served: Served, model: Path,
+                                                         tmp_path: Path) -> None:
+    """`--alias` names join /v1/models and pass --strict-model-name; /props reports the
+    template --chat-template-file put in force, not the model's."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    flags = ["--alias", "qwq", "--alias", "qwq-32b", "--strict-model-name",
+             "--chat-template-file", str(template)]
+    with serving(served, model, flags) as aliased:
+        client = aliased.client()
+        assert [m.id for m in client.models.list()] == [MODEL, "qwq", "qwq-32b"]
+        assert client.models.retrieve("qwq").id == "qwq"
+        reply = aliased.chat(model="qwq-32b")
+        assert reply.status_code == 200 and reply.json()["model"] == "qwq-32b"
+        assert aliased.chat(model="gpt-4o").status_code == 404
+        props = httpx.get(aliased.url + "/props", timeout=WAIT,
+                          headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert props["chat_template"] == template.read_text()
+    plain = httpx.get(served.url + "/props", timeout=WAIT,
+                      headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert plain["chat_template"] != template.read_text()
+
+
+def test_a_request_without_sampling_fields_gets_the_servers_defaults(
+        served: Served, model: Path) -> None:
+    """Clients such as Open WebUI send no sampling fields: `--temp 0` makes such requests
+    greedy whatever their seed; without it the GGUF's temperature (0.6) samples."""
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True}
+    greedy = served.post("/v1/completions", {"model": MODEL, **body, "temperature": 0})
+    greedy_text = greedy.json()["choices"][0]["text"]
+    with serving(served, model, ["--temp", "0"]) as cold:
+        texts = [cold.post("/v1/completions", {"model": MODEL, **body, "seed": seed}
+                           ).json()["choices"][0]["text"] for seed in (1, 2)]
+    assert texts == [greedy_text, greedy_text]
+    sampled = {served.post("/v1/completions", {"model": MODEL, **body, "seed": seed}
+                           ).json()["choices"][0]["text"] for seed in (1, 2, 3)}
+    assert sampled != {greedy_text}  # the fixture's defaults (temperature 0.6) sample
 
 
 def test_logprobs_in_openais_shapes(served: Served) -> None:

@@ -36,17 +36,15 @@ from cluster.constrain import allowed, masked, pack
 from cluster.judge import judge
 from cluster.messages import Slice
 from cluster.sampling import SamplingParams, filtered_probs, sample
-from cluster.stage_cut import split_at
 from cluster.wire_convert import slice_from_wire, slice_to_wire
 from coordinator.api.app import ServerState, create_app
 from coordinator.api.server import ServerThread
 from coordinator.constrain import build_constraint, gbnf_grammar, json_schema_grammar
 from coordinator.engine.frontend import Engine, Generation
 from coordinator.engine.request import GenerationRequest
-from coordinator.placement.local import LocalWorkers
-from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.builder import BuiltRing
 from coordinator.service import EngineOptions, start_engine
-from coordinator.speculation.draft import DraftConfig, DraftModel
+from coordinator.speculation.draft import DraftModel
 from coordinator.speculation.gamma import FREE_DRAFT, GammaConfig
 from coordinator.tokenizer import Tokenizer
 from tests.test_sampling import chi2_pvalue
@@ -128,6 +126,7 @@ def test_greedy_judging_picks_the_best_allowed_token_and_masks_travel() -> None:
 # --- the real server -------------------------------------------------------------------------
 
 N_CTX = 1024
+RING_SLOTS = 4  # the `ring` and `drafter` fixtures (conftest): four slots
 WAIT = 300.0
 
 
@@ -180,28 +179,6 @@ def tokenizer(demo_target: Path) -> Iterator[Tokenizer]:
     tok = Tokenizer(demo_target)
     yield tok
     tok.close()
-
-
-@pytest.fixture(scope="module")
-def ring(demo_target: Path) -> Iterator[BuiltRing]:
-    workers = LocalWorkers(2).start()
-    try:
-        built = build_ring(demo_target, workers=workers, ctx=N_CTX, parallel=4, threads=1,
-                           split=split_at(28, [14]))
-    except BaseException:
-        workers.stop()
-        raise
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def drafter(demo_draft: Path) -> Iterator[DraftModel]:
-    d = DraftModel(DraftConfig(demo_draft, n_ctx=N_CTX, n_seq_max=4, n_threads=1))
-    yield d
-    d.close()
 
 
 def engine_on(ring: BuiltRing, tokenizer: Tokenizer, drafter: DraftModel | None) -> Engine:

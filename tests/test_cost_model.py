@@ -17,6 +17,7 @@ from coordinator.speculation.cost_model import (
     expected_tokens,
     get_profile,
     project,
+    project_ahead,
     stage_read_bytes,
     step_ms,
 )
@@ -89,3 +90,15 @@ def test_stage_read_bytes_puts_the_lm_head_on_the_last_stage() -> None:
 def test_unknown_profile_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="2x4070"):
         get_profile("8xH100")
+
+
+def test_run_ahead_on_2x4070_keeps_both_cards_busy() -> None:
+    """A projection: windows accepted whole follow each other a stage apart, a rejection
+    costs a ring-time; so with good acceptance run-ahead beats synchronous speculation
+    by up to the number of nodes, and with none it is no faster."""
+    good = conditional_to_cumulative([0.9] * 8)
+    sync, ahead = project(TWO_4070, good, 4), project_ahead(TWO_4070, good, 4)
+    assert ahead.depth == 2 and ahead.expected_tokens == sync.expected_tokens
+    assert 1.1 < ahead.tok_s / sync.tok_s < 2.0
+    never = conditional_to_cumulative([0.0] * 8)
+    assert project_ahead(TWO_4070, never, 0).tok_s <= baseline(TWO_4070).tok_s

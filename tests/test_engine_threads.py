@@ -17,8 +17,9 @@ import pytest
 from bench.overhead import SEGMENTS, trace_segments
 from cluster import trace
 from cluster.stage_cut import split_at
+from coordinator.constrain.state import Constraint
 from coordinator.engine import ownership
-from coordinator.engine.request import Finished, GenerationRequest, TextChunk
+from coordinator.engine.request import Failed, Finished, GenerationRequest, TextChunk
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
 from coordinator.ring.supervisor import StaticWorkers
@@ -124,3 +125,39 @@ def test_a_traced_ring_times_every_part_of_a_step(tiny_chat_model: Path, tmp_pat
     assert list(segments) == [name for name, _, _ in SEGMENTS]
     assert all(ms > 0 for ms in segments.values()), segments
     assert os.environ.get(trace.ENV) is None  # later processes are not traced
+
+
+class BrokenGrammar(Constraint):
+    """A request's grammar that fails when the engine asks for its masks."""
+
+    def __init__(self) -> None:  # no matcher: it never gets that far
+        self.what = "grammar"
+
+    def slice_masks(self, guesses: list[int]) -> tuple[int, list[bytes]]:
+        raise RuntimeError("this grammar cannot say what comes next")
+
+
+def test_a_window_that_cannot_be_built_fails_its_request_alone(
+        grpc_ring: BuiltRing, tiny_chat_model: Path) -> None:
+    """Building a window raises for one request (its grammar, here) while another
+    decodes beside it in the same batches: that request fails, the other finishes with
+    its solo tokens."""
+    tokenizer = Tokenizer(tiny_chat_model)
+    prompt = tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": "hi"}]))
+    alone, _ = decode(grpc_ring, tiny_chat_model)
+    engine = start_engine(grpc_ring, tokenizer, "test", costs=FREE_DRAFT)
+    good: queue.Queue[object] = queue.Queue()
+    bad: queue.Queue[object] = queue.Queue()
+    try:
+        engine.submit(GenerationRequest(prompt, N_TOKENS, ignore_eos=True), good.put)
+        engine.submit(GenerationRequest(prompt, N_TOKENS, ignore_eos=True,
+                                        constraint=BrokenGrammar()), bad.put)
+        failed = bad.get(timeout=WAIT)
+        assert isinstance(failed, Failed) and "cannot say what comes next" in str(failed.error)
+        tokens: list[int] = []
+        while not isinstance(event := good.get(timeout=WAIT), Finished):
+            assert isinstance(event, TextChunk), event
+            tokens += event.token_ids
+        assert event.finish_reason == "length" and tokens == alone
+    finally:
+        engine.close()

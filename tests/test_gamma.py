@@ -10,6 +10,7 @@ from coordinator.speculation.gamma import (
     GammaPolicy,
     best_gamma,
     expected_tokens,
+    rates,
 )
 
 
@@ -157,3 +158,42 @@ def test_config_is_checked() -> None:
         GammaConfig(fixed=-1)
     with pytest.raises(ValueError):
         GammaConfig(decay=0.0)
+
+
+def stats_with(alpha: float, steps: int = 200) -> AcceptanceStats:
+    """A history of `steps` windows of 8 guesses each accepted with probability α."""
+    stats = AcceptanceStats()
+    rng = np.random.default_rng(3)
+    for _ in range(steps):
+        accepted = 0
+        while accepted < 8 and rng.random() < alpha:
+            accepted += 1
+        stats.observe(8, accepted)
+    return stats
+
+
+def test_run_ahead_is_chosen_where_it_beats_synchronous_speculation() -> None:
+    """Stages idle between one stream's windows: with cheap drafting and acceptance,
+    windows run ahead on every stage; a costly draft that is mostly rejected keeps one
+    window in flight; `--spec-depth` is taken as given, up to the stages."""
+    cheap = GammaPolicy(GammaConfig(), DraftCosts(draft=0.0, verify_a=0.2, verify_b=0.04))
+    assert cheap.depth(stats_with(0.8), stages=2) == 2
+    assert cheap.depth(stats_with(0.8), stages=3) == 3
+    assert cheap.depth(stats_with(0.8), stages=1) == 1
+    costly = GammaPolicy(GammaConfig(), DraftCosts(draft=0.1, verify_a=0.2, verify_b=0.04))
+    assert costly.depth(stats_with(0.1), stages=2) == 1
+    fixed = GammaPolicy(GammaConfig(depth=3), costly.costs)
+    assert fixed.depth(stats_with(0.1), stages=2) == 2  # no more windows than stages
+    # Running ahead, γ is chosen for the pipelined rate: never longer than synchronous.
+    deep = cheap.choose(stats_with(0.8), 10, depth=2)
+    assert deep <= cheap.choose(stats_with(0.8), 10, depth=1)
+
+
+def test_run_ahead_rates_match_the_formula() -> None:
+    alphas, d, a, b = [0.9, 0.8, 0.7, 0.6], 0.01, 0.2, 0.04
+    got = rates(alphas, d, a, b, 3, depth=2)
+    for gamma in range(4):
+        whole = float(np.prod(alphas[:gamma + 1]))
+        tokens = 1 + sum(float(np.prod(alphas[:k + 1])) for k in range(gamma))
+        window = (a + b * gamma) / 2 + (gamma + 1) * d
+        assert got[gamma] == pytest.approx(tokens / (window * (1 + (1 - whole))))

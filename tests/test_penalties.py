@@ -10,7 +10,6 @@ and without the draft model.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
@@ -21,13 +20,11 @@ from cluster.errors import SpecshardError
 from cluster.judge import judge
 from cluster.messages import Slice
 from cluster.sampling import SamplingParams, SparseDist, filtered_probs, sample, transform
-from cluster.stage_cut import split_at
 from coordinator.engine.frontend import Generation
 from coordinator.engine.request import GenerationRequest
-from coordinator.placement.local import LocalWorkers
-from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.builder import BuiltRing
 from coordinator.service import EngineOptions, start_engine
-from coordinator.speculation.draft import DraftConfig, DraftModel, draft_dist
+from coordinator.speculation.draft import DraftModel, draft_dist
 from coordinator.speculation.drafting import Drafter
 from coordinator.speculation.gamma import FREE_DRAFT, GammaConfig
 from coordinator.tokenizer import Tokenizer
@@ -188,28 +185,6 @@ def reference(demo_target: Path, prompts: list[list[int]]) -> list[list[int]]:
         return out
     finally:
         llm.close()
-
-
-@pytest.fixture(scope="module")
-def ring(demo_target: Path) -> Iterator[BuiltRing]:
-    workers = LocalWorkers(2).start()
-    try:
-        built = build_ring(demo_target, workers=workers, ctx=N_CTX, threads=1,
-                           split=split_at(28, [14]))
-    except BaseException:
-        workers.stop()
-        raise
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def drafter(demo_draft: Path) -> Iterator[DraftModel]:
-    d = DraftModel(DraftConfig(demo_draft, n_ctx=N_CTX, n_threads=1))
-    yield d
-    d.close()
 
 
 def generate(ring: BuiltRing, tokenizer: Tokenizer, prompt: list[int],

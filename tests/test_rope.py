@@ -17,7 +17,7 @@ import pytest
 from cluster.errors import SpecshardError
 from cluster.gguf_file import read_header
 from cluster.llama.stage import Stage, StageConfig
-from cluster.messages import LoadSpec, Slice
+from cluster.messages import LoadSpec, NodeInfo, Slice
 from cluster.rope import (
     RopeFlags,
     RopeParams,
@@ -196,6 +196,39 @@ def test_a_worker_reporting_other_rope_values_is_refused(tmp_path: Path,
     other = LoadSpec(str(model), 0, 4, n_ctx=256, rope=RopeParams(yarn_orig_ctx=1024))
     with pytest.raises(SpecshardError, match="computes with other RoPE values"):
         check_loaded([other], [info], worker.addresses)
+
+
+def test_a_rebuilt_ring_with_other_rope_values_is_refused() -> None:
+    """A worker restarted after a loss may be another build or host: the rebuilt ring is
+    checked as the first one is, and closed when a stage computes with other values."""
+    from cluster.hardware import HostInfo
+    from coordinator.ring.supervisor import RingSupervisor, StaticWorkers
+
+    sent = RopeParams(scaling="yarn", freq_scale=0.25, yarn_orig_ctx=512,
+                      yarn_ext_factor=1.0)
+    spec = LoadSpec("tiny.gguf", 0, 4, n_ctx=256, rope=sent)
+    answered = LoadSpec("tiny.gguf", 0, 4, n_ctx=256, rope=RopeParams(yarn_orig_ctx=512))
+
+    class Rebuilt:  # what the restarted worker reports after LoadStage
+        closed = False
+
+        def connect(self, _sink: object) -> None: ...
+
+        def truncate_all(self, *_args: object) -> None: ...
+
+        def node_infos(self) -> list[NodeInfo]:
+            return [NodeInfo(HostInfo("pc1", 1, "cpu", 1, 0, 0), {}, stage=answered)]
+
+        def close(self) -> None:
+            self.closed = True
+
+    ring = Rebuilt()
+    supervisor = RingSupervisor(StaticWorkers(["a:1"], None, None), Path("tiny.gguf"),
+                                "tiny.gguf", 256, 1, 1, specs=[spec])
+    supervisor._load = lambda progress=False: ring  # type: ignore[assignment,method-assign,return-value]
+    with pytest.raises(SpecshardError, match="computes with other RoPE values"):
+        supervisor.rebuild(lambda _event: None)
+    assert ring.closed and supervisor.ring is None
 
 
 def test_serve_takes_llama_servers_flags(tmp_path: Path) -> None:

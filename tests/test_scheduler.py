@@ -47,7 +47,7 @@ def test_decoding_sequences_split_over_the_micro_batches_by_slot():
     plan = schedule(running, SchedulerConfig(micro_batches=2), no_draft)
     assert shapes(plan) == [(i, 1, 0) for i in range(4)]
     for s in running[:1] + running[2:4] + running[5:6]:  # slots 5, 3, 1, 2 … in flight
-        s.judging = True
+        s.flying = 1
     assert [p.seq.slot for p in schedule(running, SchedulerConfig(micro_batches=2),
                                          no_draft)] == [0, 4, 6, 7]
 
@@ -90,8 +90,35 @@ def test_guesses_even_out_the_rows_where_calls_cost_more_than_rows():
 
 def test_a_sequence_waiting_for_its_verdict_is_not_scheduled():
     s = seq(0, 10, generated=2)
-    s.judging = True
+    s.flying = 1
     assert schedule([s], SchedulerConfig(), no_draft) == []
+
+
+def running_ahead(slot: int, depth: int = 2) -> Sequence:
+    """A decoding sequence with one window in flight that ends with a link."""
+    s = seq(slot, 10, generated=2)
+    s.depth, s.flying, s.linked, s.ahead = depth, 1, True, [5, 6, 9]
+    return s
+
+
+def test_a_stream_alone_runs_ahead_of_its_verdict_from_the_link():
+    s = running_ahead(0)
+    plan = schedule([s], SchedulerConfig(micro_batches=2), lambda *_: 3)
+    assert [(p.ahead, p.n_tokens, p.gamma, p.judge) for p in plan] == [(True, 1, 3, True)]
+    assert s.front == len(s.tokens) + 2  # the next window starts at the link (9)
+    s.flying = 2  # as deep as it may go
+    assert schedule([s], SchedulerConfig(micro_batches=2), lambda *_: 3) == []
+
+
+def test_nobody_runs_ahead_when_the_streams_fill_the_ring_or_no_room_is_left():
+    pair = [running_ahead(0), running_ahead(1)]
+    assert schedule(pair, SchedulerConfig(micro_batches=2), lambda *_: 3) == []
+    assert len(schedule(pair, SchedulerConfig(micro_batches=3), lambda *_: 3)) == 1
+    assert schedule([running_ahead(0)], SchedulerConfig(micro_batches=2),
+                    lambda *_: -1) == []  # max_tokens or the context: no room
+    unlinked = running_ahead(0)
+    unlinked.linked = False  # its last window drew a bonus token: wait for it
+    assert schedule([unlinked], SchedulerConfig(micro_batches=2), lambda *_: 3) == []
 
 
 def test_prompts_arriving_beside_few_streams_fill_the_batch_they_will_make():

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,9 @@ import openai
 import pytest
 
 from cluster.errors import ClusterError
+from cluster.gguf_file import read_header
+from cluster.messages import Batch
+from cluster.rope import RopeFlags, resolve_rope
 from cluster.sampling import SamplingParams
 from coordinator.api.app import ServerState, create_app
 from coordinator.api.errors import api_error_of
@@ -33,8 +37,10 @@ NEAR_TIE = 0.5  # as tests/test_speculative.py: batch shapes move top-2 margins 
 
 @pytest.fixture(scope="module")
 def served(demo_target: Path) -> Iterator[tuple[str, RunningCluster]]:
+    # Two windows of a sequence in flight (run-ahead): a stream alone keeps both stages
+    # busy, and the kill -9 test below replays a ring that had windows in flight.
     settings = ServeSettings(model=str(demo_target), draft="demo", local_workers=2, ctx=1024,
-                             parallel=PARALLEL, queue_size=16, threads=1)
+                             parallel=PARALLEL, queue_size=16, threads=1, spec_depth=2)
     cluster = start_cluster(settings)
     try:
         state = ServerState(engine=cluster.engine, api_key=KEY, cluster_info=cluster.describe)
@@ -62,7 +68,15 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_cluster_endpoint_shows_workers_and_plan(served):
+def labelled(url: str, name: str, label: str) -> float:
+    """A labelled series' value (0 before its first increment)."""
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(f"{name}{{{label}}} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_cluster_endpoint_shows_workers_and_plan(served, demo_target: Path):
     url, cluster = served
     info = httpx.get(url + "/v1/cluster", headers={"Authorization": f"Bearer {KEY}"},
                      timeout=30).json()
@@ -73,6 +87,9 @@ def test_cluster_endpoint_shows_workers_and_plan(served):
     assert layers[0][0] == 0 and layers[-1][1] == 28 and len(layers) == 2
     assert info["parallel"] == PARALLEL and info["micro_batches"] == 2
     assert info["costs"]["draft_ms"] > 0 and info["costs"]["verify_ms_a"] > 0  # at start
+    # what each stage says it computes with: the GGUF's RoPE values (no flags given)
+    rope = asdict(resolve_rope(read_header(demo_target), RopeFlags()))
+    assert [n["rope"] for n in info["nodes"]] == [rope, rope]
 
 
 def test_metrics_show_stages_hops_and_caches(served):
@@ -108,13 +125,16 @@ def test_the_draft_model_is_loaded_once_whatever_parallel_is(served):
 
 
 def test_alone_with_the_draft_the_answer_repeats_and_survives_kill_9(served):
-    """γ depends on the sequence's tokens only, and a lost worker's caches are rebuilt by
-    replaying the same batches: a request decoded alone streams the same text every time,
-    a worker killed mid-stream included."""
+    """γ depends on the sequence's tokens only, which windows go out depends on the
+    verdicts only, and a lost worker's caches are rebuilt by replaying the same batches:
+    a request decoded alone, running ahead, streams the same text every time, a worker
+    killed mid-stream (with windows in flight) included."""
     url, cluster = served
     prompt = "Write a Python function that returns the n-th Fibonacci number."
+    ahead = labelled(url, "specshard_windows_total", 'kind="ahead"')
     runs = [chat(url, prompt, 48) for _ in range(3)]
     assert runs[0] and runs[1] == runs[0] and runs[2] == runs[0]
+    assert labelled(url, "specshard_windows_total", 'kind="ahead"') > ahead
     restarts = metric(url, "specshard_worker_restarts_total")
     victim = cluster.built.workers.pids()[1]
     assert victim is not None
@@ -187,25 +207,56 @@ def test_batched_sequences_give_their_solo_answers_but_at_near_ties(served, reco
     print(f"{len(margins)} of 16 left their solo answer, each at a near tie: {margins}")
 
 
-def test_a_request_whose_sampling_breaks_fails_alone(served):
+def test_a_request_whose_sampling_breaks_fails_alone(served, monkeypatch):
     """A temperature so small that the last worker's softmax overflows (the API treats
     such values as greedy; the engine is asked directly here): that request fails alone,
     as the cluster's failure (500), and a greedy request decoded beside it gives its
-    usual answer (but at a near tie: it shared batches with the other)."""
+    usual answer (but at a near tie: it shared batches with the other). Both are judged
+    in one micro-batch: both are admitted in one step (the step thread is held in the
+    ring's submit of a one-token request meanwhile), and the batches sent are recorded."""
     _, cluster = served
     engine = cluster.engine
-    prompt = engine.tokenizer.encode(engine.tokenizer.chat_prompt(
-        [{"role": "user", "content": "Name three colours."}]))
-    greedy = GenerationRequest(prompt, 16, with_gaps=True)
+
+    def chat_tokens(text: str) -> list[int]:
+        return engine.tokenizer.encode(engine.tokenizer.chat_prompt(
+            [{"role": "user", "content": text}]))
+
+    prompt = chat_tokens("Name three colours.")
+    # Each prompt computed whole (no slot's cache, no copy from the other): neither waits
+    # for the other's prompt, so both go in the first batch after their admission.
+    greedy = GenerationRequest(prompt, 16, with_gaps=True, cache_prompt=False)
     alone = engine.generate(greedy)
-    broken = GenerationRequest(prompt, 16, SamplingParams(temperature=5e-324))
-    with ThreadPoolExecutor(2) as pool:
+    tiny = 5e-324
+    broken = GenerationRequest(prompt, 16, SamplingParams(temperature=tiny), cache_prompt=False)
+    judged: list[set[float]] = []  # per batch sent: its judged slices' temperatures
+    held, go = threading.Event(), threading.Event()
+    ring = engine.core.ring
+    send = ring.submit
+
+    def recorded(batch: Batch) -> None:  # on the step thread
+        if not held.is_set():
+            held.set()
+            go.wait(60)
+        judged.append({s.sampling.temperature for s in batch.slices if s.judged_rows})
+        send(batch)
+
+    monkeypatch.setattr(ring, "submit", recorded)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(engine.generate, GenerationRequest(chat_tokens("Hi."), 1))
+        assert held.wait(60)
         failing = pool.submit(engine.generate, broken)
         beside = pool.submit(engine.generate, greedy)
+        deadline = time.monotonic() + 60
+        while engine.core.inbox.qsize() < 2:  # both admissions are waiting for the step
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        go.set()
         with pytest.raises(ClusterError, match="could not judge") as caught:
             failing.result(timeout=300)
         got = beside.result(timeout=300)
+        first.result(timeout=300)
     assert api_error_of(caught.value).status == 500
+    assert any({0.0, tiny} <= j for j in judged), judged  # judged in one batch
     at = next((k for k, (a, b) in enumerate(zip(alone.tokens, got.tokens, strict=False))
                if a != b), None)
     if at is None:

@@ -11,20 +11,18 @@ import json
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cluster.sampling import SamplingParams, SparseDist
-from cluster.stage_cut import split_at
 from coordinator.engine.frontend import Generation
 from coordinator.engine.request import GenerationRequest
-from coordinator.placement.local import LocalWorkers
-from coordinator.ring.builder import BuiltRing, build_ring
+from coordinator.ring.builder import BuiltRing
 from coordinator.service import EngineOptions, start_engine
-from coordinator.speculation.draft import DraftConfig, DraftModel
+from coordinator.speculation.draft import DraftModel
 from coordinator.speculation.drafting import Draft, Drafter, DraftRequest
 from coordinator.speculation.gamma import FREE_DRAFT, DraftCosts, GammaConfig
 from coordinator.speculation.ngram import NgramDrafter
@@ -82,31 +80,10 @@ def chat(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(tokenizer.chat_prompt([{"role": "user", "content": text}]))
 
 
-@pytest.fixture(scope="module")
-def ring(demo_target: Path) -> Iterator[BuiltRing]:
-    workers = LocalWorkers(2).start()
-    try:
-        built = build_ring(demo_target, workers=workers, ctx=N_CTX, threads=1,
-                           split=split_at(28, [14]))
-    except BaseException:
-        workers.stop()
-        raise
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture(scope="module")
-def drafter(demo_draft: Path) -> Iterator[DraftModel]:
-    # One thread: on two cores shared with two workers, two draft threads ran 3× slower.
-    d = DraftModel(DraftConfig(demo_draft, n_ctx=N_CTX, n_threads=1))
-    yield d
-    d.close()
-
-
 def fixed(gamma: int) -> GammaConfig:
-    return GammaConfig(fixed=gamma)
+    """A fixed γ, one window in flight: synchronous speculation (tests/test_runahead.py
+    runs windows ahead; the adaptive test below lets the costs decide)."""
+    return GammaConfig(fixed=gamma, depth=1)
 
 
 def run(ring: BuiltRing, tokenizer: Tokenizer, prompt: list[int], n: int,

@@ -1,6 +1,7 @@
 """The status page at `/` in a real browser (Debian's headless chromium, driven by
 Selenium) against a real `specshard serve`: the demo pair on two local workers, an API
-key, from loading to serving, with a streamed chat; then the same page at a phone's width.
+key, from loading (the workers' load progress) to serving, with a streamed chat; then the
+same page at a phone's width.
 
 `SPECSHARD_SCREENSHOT=1` also writes the screenshot to docs/status-page.png.
 """
@@ -187,8 +188,29 @@ def test_status_page_from_loading_to_serving(served: Served, browser: WebDriver,
     assert d.execute_script(
         "return localStorage.getItem('specshard.apiKey')") == KEY
 
+    # Load progress while loading: the events list shows a worker's cut or load while
+    # the state still says loading. The key is in within seconds of the API answering;
+    # the workers' first progress line comes ~10 s later (Ray and the workers start
+    # first), and cutting, loading and measuring the ring take ~10 s more, several of
+    # the page's 2 s refreshes.
+    progress = ""
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while True:
+        state, events = d.execute_script(
+            "return [document.getElementById('state').textContent,"
+            " Array.from(document.querySelectorAll('#events li'), (e) => e.textContent)]")
+        if state == "serving":
+            break
+        if state == "loading" and not progress:
+            progress = next((e for e in events
+                             if re.search(r"layers \d+-\d+: (cut|load) ", e)), "")
+        assert time.monotonic() < deadline, \
+            "serve did not load:\n" + "".join(served.lines[-30:])
+        time.sleep(0.25)
+    assert progress, ("the page showed no cut/load progress while loading; serve's log:\n"
+                      + "".join(served.lines[-40:]))
+
     # Serving: the ring, from /v1/cluster.
-    wait_for(d, "the serving state", lambda d: text(d, "#state") == "serving", LOAD_TIMEOUT_S)
     wait_for(d, "two workers", lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.worker"))
              == 2, 10)
     assert httpx.get(served.url + "/v1/cluster", timeout=10).status_code == 401

@@ -215,7 +215,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("seq", "start", "tokens", "n_draft", "draft_dists", "sampling", "step_seed", "judge", "return_logits", "copy_from", "masks")
+    __slots__ = ("seq", "start", "tokens", "n_draft", "draft_dists", "sampling", "step_seed", "judge", "return_logits", "copy_from", "masks", "link")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,7 @@ class Slice(_message.Message):
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     COPY_FROM_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
     seq: int
     start: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -238,7 +239,8 @@ class Slice(_message.Message):
     return_logits: bool
     copy_from: int
     masks: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., copy_from: _Optional[int] = ..., masks: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    link: int
+    def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., copy_from: _Optional[int] = ..., masks: _Optional[_Iterable[bytes]] = ..., link: _Optional[int] = ...) -> None: ...
 
 class ForwardMessage(_message.Message):
     __slots__ = ("batch_id", "slices", "hidden", "dtype", "n_embd", "chunk_index", "n_chunks", "times")

@@ -70,7 +70,7 @@ class ServerState:
     engine: Engine | None
     api_key: str | None = None
     cluster_info: Callable[[], dict[str, object]] | None = None
-    model_names: tuple[str, ...] = ()  # accepted in `model`; default: the engine's name
+    model_names: tuple[str, ...] = ()  # serve's --alias: accepted besides the engine's name
     chat: ChatOptions = field(default_factory=ChatOptions)
     draining: bool = False  # shutting down: new requests get 503, running ones finish
     open_streams: int = 0  # event streams not ended yet (changed on the event loop only)
@@ -80,7 +80,9 @@ class ServerState:
     props: dict[str, object] = field(default_factory=dict)  # /props: model_path, chat_template
 
     def names(self, engine: Engine) -> tuple[str, ...]:
-        return self.model_names or (engine.model_name,)
+        """The names /v1/models lists and --strict-model-name accepts: the served one
+        first (what an answer without `model` is named), then the aliases."""
+        return tuple(dict.fromkeys((engine.model_name, *self.model_names)))
 
 
 # --- talking to the engine -----------------------------------------------------------------

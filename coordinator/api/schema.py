@@ -50,6 +50,18 @@ _IGNORED_SEEN: set[str] = set()
 OFF_SAMPLERS: dict[str, object] = {
     "typical_p": 1.0, "mirostat": 0, "tfs_z": 1.0, "dynatemp_range": 0.0,
     "xtc_probability": 0.0, "dry_multiplier": 0.0, "top_n_sigma": -1.0}
+# Fields that, when on, ask for what is not implemented and what the client then relies
+# on (another call protocol, probabilities or token ids in the reply, images): refused
+# with what to send instead. Off (absent, null, empty, 0, false) they are ignored.
+REFUSED_WHEN_ON: dict[str, str] = {
+    "functions": "OpenAI's deprecated function calling is not supported: send `tools`",
+    "function_call": "OpenAI's deprecated function calling is not supported: send "
+                     "`tool_choice` with `tools`",
+    "n_probs": "for token probabilities send `logprobs` (chat: `logprobs: true, "
+               "top_logprobs: N`; completions: `logprobs: N`)",
+    "return_tokens": "replies carry text only; POST /tokenize gives a text's token ids",
+    "image_data": "this server's model reads text only (/props: modalities)",
+}
 # JSON may escape half a UTF-16 pair ("\ud800"); Python decodes it to a string that no
 # UTF-8 can carry, so the tokenizer and any answer quoting it would fail (a 500).
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -136,6 +148,14 @@ class Sampling(Request):
                 raise ValueError(f"`{name}` is not supported (only its default {off}): "
                                  "samplers here are temperature, top_k, top_p, min_p and the "
                                  "penalties")
+        for name, instead in REFUSED_WHEN_ON.items():
+            value = data.get(name)
+            # function_call "none" and "auto" ask for nothing without `functions`
+            if value and not (name == "function_call" and value in ("none", "auto")):
+                raise ValueError(f"`{name}` is not supported: {instead}")
+        if data.get("min_keep") not in (None, 0, 1):  # 0 and 1: top-p/min-p keep one
+            raise ValueError("`min_keep` is not supported (only 0 or 1): the samplers keep "
+                             "at least the likeliest token")
         known = set(cls.model_fields) | {a for f in cls.model_fields.values()
                                           for a in _aliases(f.validation_alias)}
         log_ignored({str(k) for k in data} - known - set(OFF_SAMPLERS))

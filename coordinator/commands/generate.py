@@ -20,7 +20,13 @@ from coordinator.engine.request import GenerationRequest
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
 from coordinator.ring.supervisor import StaticWorkers, WorkerSet
-from coordinator.service import EngineOptions, gamma_config, open_drafter, start_engine
+from coordinator.service import (
+    EngineOptions,
+    check_threads,
+    gamma_config,
+    open_drafter,
+    start_engine,
+)
 from coordinator.speculation.gamma import FREE_DRAFT
 from coordinator.tokenizer import Tokenizer
 
@@ -65,11 +71,13 @@ def add_draft_arguments(p: argparse.ArgumentParser) -> None:
                         "model, good for edits of given text) or none")
     p.add_argument("--gamma", type=int, help="a fixed draft length (default: adaptive)")
     p.add_argument("--gamma-max", type=int, default=16, help="adaptive γ's upper bound")
+    p.add_argument("--spec-depth", type=int,
+                   help="verify windows in flight (run-ahead; 1: synchronous; default: "
+                        "chosen by the measured costs)")
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise SpecshardError("need temperature ≥ 0, 0 < top-p ≤ 1, top-k ≥ 0")
+    """The sampling flags; SamplingParams refuses values out of range."""
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed)
 
@@ -81,9 +89,7 @@ def prompt_tokens(tokenizer: Tokenizer, prompt: str, raw: bool) -> list[int]:
 
 def threads(args: argparse.Namespace) -> int:
     if args.threads is not None:
-        if args.threads < 1:
-            raise SpecshardError("--threads must be at least 1")
-        return int(args.threads)
+        return check_threads(int(args.threads))
     return 1 if args.pin else os.cpu_count() or 1
 
 
@@ -122,7 +128,8 @@ def run_generate(args: argparse.Namespace) -> int:
     model = models.resolve(args.model)
     tokenizer = Tokenizer(model)
     tokens = prompt_tokens(tokenizer, args.prompt, args.raw)
-    sampling, gamma = sampling_from(args), gamma_config(args.gamma, args.gamma_max)
+    sampling, gamma = sampling_from(args), gamma_config(args.gamma, args.gamma_max,
+                                                            args.spec_depth)
     with ExitStack() as stack:
         # Beside local workers the draft gets one thread: more only fight the workers for
         # cores (measured: 2 threads ≈ 3× slower per step than 1 next to 2 workers).
@@ -131,8 +138,10 @@ def run_generate(args: argparse.Namespace) -> int:
         if drafter is not None:
             stack.callback(drafter.close)
         built = open_ring(args, model, stack)
-        # One sequence: only an adaptive γ needs the ring's costs (nothing to chunk beside).
-        costs = None if drafter is not None and gamma.fixed is None else FREE_DRAFT
+        # One sequence: only an adaptive γ or depth needs the ring's costs (nothing to
+        # chunk beside).
+        adaptive = gamma.fixed is None or gamma.depth is None
+        costs = None if drafter is not None and adaptive else FREE_DRAFT
         engine = start_engine(built, tokenizer, model.stem, drafter,
                               EngineOptions(prefill_chunk=args.prefill_chunk, gamma=gamma),
                               costs=costs)

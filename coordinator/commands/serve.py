@@ -18,7 +18,8 @@ from cluster.planning.cli import render
 from coordinator.api.app import ServerState, create_app
 from coordinator.api.sampling_defaults import from_settings
 from coordinator.api.server import ServerThread
-from coordinator.api.templates import chat_options
+from coordinator.api.templates import ChatOptions, chat_options
+from coordinator.commands.demo_edit import run_edit_demo
 from coordinator.engine.frontend import Generation
 from coordinator.engine.request import GenerationRequest
 from coordinator.service import RunningCluster, start_cluster
@@ -73,6 +74,21 @@ def drain(state: ServerState, cluster: RunningCluster, timeout_s: float) -> None
         time.sleep(0.05)
 
 
+def server_state(s: ServeSettings, key: str | None, chat: ChatOptions, model: Path
+                 ) -> ServerState:
+    """What the API serves from `serve`'s settings, before the ring is up (the engine is
+    set once it is)."""
+    header = read_header(model)
+    # /props tells clients the template their messages are rendered with: the file's
+    # when --chat-template-file replaces the model's.
+    template = chat.template.source if chat.template is not None else str(
+        header.values.get("tokenizer.chat_template", ""))
+    return ServerState(engine=None, api_key=key, chat=chat, model_names=tuple(s.alias),
+                       sampling=from_settings(s, header),
+                       strict_model_name=s.strict_model_name,
+                       props={"model_path": str(model), "chat_template": template})
+
+
 def run_serve(args: argparse.Namespace) -> int:
     s = from_args(args)
     key = api_key_of(s)
@@ -82,12 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # A bad template or reasoning setting is refused before anything loads.
     chat = chat_options(s.reasoning_format, s.reasoning_budget, s.chat_template_file)
     model = models.resolve(s.model)
-    header = read_header(model)
-    state = ServerState(engine=None, api_key=key, chat=chat,
-                        sampling=from_settings(s, header),
-                        strict_model_name=s.strict_model_name,
-                        props={"model_path": str(model), "chat_template": str(
-                            header.values.get("tokenizer.chat_template", ""))})
+    state = server_state(s, key, chat, model)
     cluster: RunningCluster | None = None
     try:
         # The API answers from the start: /health is 503 until the ring is loaded.
@@ -133,9 +144,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\n\n{len(done.tokens)} tokens · {st['tok_s']} tok/s decode · "
               f"{st['prompt_tok_s']} tok/s prompt · {st['tokens_per_step']} tokens per "
               f"pipeline step (γ mean {st['gamma_mean']})\n")
+        run_edit_demo(cluster, None if args.no_draft else done.stats)
         if cluster.built.plan is not None:
-            print(render(cluster.built.plan, cluster.engine.model_name,
-                         None if args.no_draft else "demo draft (runs in the coordinator)"))
+            print("\n" + render(cluster.built.plan, cluster.engine.model_name,
+                                None if args.no_draft else "demo draft (runs in the "
+                                "coordinator)"))
         if args.serve:
             state = ServerState(engine=cluster.engine, api_key=None,
                                 cluster_info=cluster.describe)

@@ -29,13 +29,14 @@ from coordinator.engine.frontend import Generation
 from coordinator.engine.request import GenerationRequest
 from coordinator.placement.local import LocalWorkers
 from coordinator.ring.builder import BuiltRing, build_ring
-from coordinator.service import EngineOptions, start_engine
+from coordinator.service import EngineOptions, gamma_config, start_engine
 from coordinator.speculation.cost_model import (
     Projection,
     baseline,
     best_projection,
     get_profile,
     project,
+    project_ahead,
 )
 from coordinator.speculation.draft import DraftConfig, DraftModel, check_vocab
 from coordinator.speculation.drafting import Drafter
@@ -56,6 +57,7 @@ PROMPTS = (
 GREEDY = SamplingParams()
 TARGET_TOKENS_PER_STEP = 3.0  # issue 4's goal for the demo pair at T=0
 PLAIN, NGRAM, ADAPTIVE, MODEL_AT = "none", "ngram", "model adaptive", "model gamma="
+AHEAD = " run-ahead"  # a mode's projection with run-ahead windows
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class SpecBenchConfig:
     pin: bool = False
     threads: int | None = None  # per stage; default: 1 per worker, all cores in-process
     ctx: int = 1024
+    depth: int | None = None  # run-ahead windows in flight; None: chosen by the costs
 
 
 @dataclass
@@ -167,9 +170,12 @@ class Mode:
 
 def modes_of(config: SpecBenchConfig, drafter: DraftModel) -> list[Mode]:
     """No draft first: every other mode is compared with it."""
-    modes = [Mode(PLAIN, None, GammaConfig()), Mode(NGRAM, NgramDrafter(), GammaConfig())]
-    modes += [Mode(f"{MODEL_AT}{g}", drafter, GammaConfig(fixed=g)) for g in config.gammas]
-    return [*modes, Mode(ADAPTIVE, drafter, GammaConfig())]
+    depth = config.depth
+    modes = [Mode(PLAIN, None, GammaConfig()),
+             Mode(NGRAM, NgramDrafter(), GammaConfig(depth=depth))]
+    modes += [Mode(f"{MODEL_AT}{g}", drafter, GammaConfig(fixed=g, depth=depth))
+              for g in config.gammas]
+    return [*modes, Mode(ADAPTIVE, drafter, GammaConfig(depth=depth))]
 
 
 def mode_gamma(name: str) -> int | None:
@@ -232,6 +238,7 @@ class SpecBenchResult:
             if name != PLAIN:
                 gamma = r.gamma or max(1, round(r.gamma_mean))
                 out[name] = project(profile, r.acceptance, gamma)
+                out[name + AHEAD] = project_ahead(profile, r.acceptance, gamma)
         return out
 
     def deepest(self) -> ModeResult:
@@ -272,6 +279,9 @@ class SpecBenchResult:
             rate = r.tokens / r.decode_s if r.decode_s else 0.0
             lines.append(f"{name:<16}{r.gamma_mean:>8.2f}{r.tokens / max(r.steps, 1):>10.2f}"
                          f"{rate:>8.2f}{projected[name].tok_s:>16.1f}  {accept}")
+            if name + AHEAD in projected:
+                lines.append(f"{'  ' + AHEAD.strip():<42}{projected[name + AHEAD].tok_s:>16.1f}"
+                             "  (projection: run-ahead windows, one per node)")
         return "\n".join(lines)
 
 
@@ -304,6 +314,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="store_true", help="each worker on its own core")
     p.add_argument("--threads", type=int, help="threads per stage and for the draft")
     p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--spec-depth", type=int,
+                   help="verify windows in flight (run-ahead; 1: synchronous; default: "
+                        "chosen by the measured costs)")
 
 
 def config_from_args(args: argparse.Namespace) -> SpecBenchConfig:
@@ -311,7 +324,8 @@ def config_from_args(args: argparse.Namespace) -> SpecBenchConfig:
         raise SpecshardError("need --tokens ≥ 2, --workers ≥ 1, --threads ≥ 1")
     if not all(1 <= g <= 16 for g in args.gammas):
         raise SpecshardError("--gammas must be in 1..16")
+    gamma_config(None, 16, args.spec_depth)  # checked as generate and serve check it
     return SpecBenchConfig(model=args.model, draft=args.draft, tokens=args.tokens,
                            gammas=tuple(args.gammas), profile=args.profile,
                            inprocess=args.inprocess, workers=args.workers, pin=args.pin,
-                           threads=args.threads, ctx=args.ctx)
+                           threads=args.threads, ctx=args.ctx, depth=args.spec_depth)

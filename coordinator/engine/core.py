@@ -140,7 +140,7 @@ class BatchTiming:
 @dataclass
 class InFlight:
     batch: Batch
-    members: list[tuple[Sequence, Slice]]
+    members: list[tuple[Sequence, Slice, int]]  # with the sequence's chain when sent
     sent_at: float
     replay: bool = False  # a replayed batch: rebuilds caches, decides nothing
 
@@ -190,6 +190,7 @@ class EngineCore:
         # thread that started it (PR_SET_PDEATHSIG follows the thread, not the process).
         self._rebuild_thread = ThreadPoolExecutor(1, thread_name_prefix="ring-rebuild")
         self._lost_why = ""
+        self._spare = False  # fewer streams decode than micro-batches go round (_build)
         ring.connect(self._sink_for(self.epoch))
         self.metrics.slots_free.set(len(self.free_slots))
         self._set_state(State.RUNNING)
@@ -200,6 +201,11 @@ class EngineCore:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="engine-core")
         self._thread.start()
         return self
+
+    def reconnect(self) -> None:
+        """Take the ring's events back after another engine borrowed the ring (the demo's
+        comparison runs)."""
+        self.ring.connect(self._sink_for(self.epoch))
 
     def post(self, message: Message) -> None:
         self.inbox.put(message)
@@ -326,9 +332,19 @@ class EngineCore:
             if not plan and (not self.frees or self.in_flight):
                 return  # frees ride along with the next real batch
             batch = self._build(plan, out)
-            if batch.slices:  # empty when every planned sequence's draft failed
+            if not batch.slices:  # every planned sequence's window failed to build
+                continue
+            try:
                 self._submit(batch)
-                out.scheduled.append(batch)
+            except Exception as exc:  # a batch the ring could not take: its sequences
+                log.exception("submitting batch %d failed", batch.batch_id)
+                self.in_flight.pop(batch.batch_id, None)
+                error = ClusterError(f"sending a batch failed: {type(exc).__name__}: {exc}")
+                for piece in batch.slices:
+                    if piece.seq in self.running:
+                        self._finish(self.running[piece.seq], error=error, out=out)
+                continue
+            out.scheduled.append(batch)
 
     def _slot_for(self, seq: Sequence) -> tuple[int, int]:
         """The free slot for `seq`, and how many of its prompt's tokens that slot's caches
@@ -405,48 +421,90 @@ class EngineCore:
                 for lo in range(0, reused, chunk)]
 
     def _gamma(self, seq: Sequence, room: int, at_least: int = 0) -> int:
+        """γ for `seq`'s next window (a run-ahead one when it is judging): negative when
+        a run-ahead window has no room left under the context or max_tokens."""
         if self.drafter is None:
             return 0
-        limit = min(room, self.ring.n_ctx - len(seq.tokens) - 1,
-                    seq.request.max_tokens - seq.generated - 1)
-        chosen = max(self.policy.choose(seq.acceptance, seq.stats.steps), at_least)
-        return max(0, min(chosen, limit))
+        if not seq.judging:  # a new chain: run ahead or not, by its history
+            seq.depth = self._depth(seq)
+        # The window emits up to γ + 1 tokens after the decided ones and the guesses
+        # already sent (a link takes the bonus token's position).
+        limit = min(room, self.ring.n_ctx - len(seq.tokens) - len(seq.ahead) - 1,
+                    seq.request.max_tokens - seq.generated - len(seq.ahead) - 1)
+        chosen = max(self.policy.choose(seq.acceptance, seq.stats.steps, seq.depth), at_least)
+        return min(chosen, limit) if seq.judging else max(0, min(chosen, limit))
+
+    def _depth(self, seq: Sequence) -> int:
+        """Windows `seq` keeps in flight: 1 (synchronous) without a drafter, under a
+        grammar (its masks follow the decided tokens) or with one micro-batch in flight."""
+        if self.drafter is None or seq.request.constraint is not None \
+                or self.config.micro_batches < 2:
+            return 1
+        return self.policy.depth(seq.acceptance, self.config.micro_batches)
 
     def _build(self, plan: list[Planned], out: StepOutput) -> Batch:
-        drafts = self._drafts([p for p in plan if p.gamma > 0 and p.judge], out)
+        # Links only where a window can follow before the verdict (as `schedule` decides
+        # run-ahead): with the ring full of other streams a link is a draft token wasted.
+        decoding = sum(s.decoding and not s.done for s in self.running.values())
+        self._spare = decoding < self.config.micro_batches
+        drafts = self._drafts([p for p in plan if p.judge and p.gamma + self._links(p) > 0],
+                              out)
         slices = []
         for p in plan:
             s = p.seq
             if s.done:  # its draft failed
                 continue
-            tokens = s.tokens[s.n_sent:s.n_sent + p.n_tokens]
-            guesses, dists = drafts.get(s.slot, ([], []))
-            masks: list[bytes] = []
-            if p.judge and s.request.constraint is not None:  # constrained decoding
-                guesses, dists, masks = slice_guesses(s.request.constraint, guesses, dists)
-            slices.append(Slice(
-                seq=s.slot, start=s.n_sent, tokens=[*tokens, *guesses], sampling=
-                s.request.sampling, n_draft=len(guesses), draft_dists=list(dists),
-                step_seed=s.step_seed() if p.judge else 0, judge=p.judge, masks=masks,
-                copy_from=-1 if s.started else s.copy_from))
+            try:
+                slices.append(self._window(p, drafts))
+            except Exception as exc:  # this sequence's window (its grammar, say): it alone
+                log.exception("building a window of sequence %d failed", s.slot)
+                self._finish(s, error=ClusterError(f"{type(exc).__name__}: {exc}"), out=out)
         slices += [Slice(seq=slot, start=0, tokens=[], judge=False) for slot in self.frees]
         self.frees.clear()
         return Batch(self._new_batch_id(), slices)
 
+    def _window(self, p: Planned, drafts: dict[int, tuple[list[int], list[SparseDist]]]
+                ) -> Slice:
+        """The planned rows of one sequence: prompt tokens, or a judged window."""
+        s = p.seq
+        start = s.front if p.ahead else s.n_sent
+        tokens = [s.ahead[-1]] if p.ahead else s.tokens[s.n_sent:s.n_sent + p.n_tokens]
+        guesses, dists = drafts.get(s.slot, ([], []))
+        link = guesses[p.gamma] if self._links(p) and len(guesses) > p.gamma else -1
+        guesses, dists = guesses[:p.gamma], dists[:p.gamma + (link >= 0)]
+        masks: list[bytes] = []
+        if p.judge and s.request.constraint is not None:  # constrained decoding
+            guesses, dists, masks = slice_guesses(s.request.constraint, guesses, dists)
+        return Slice(
+            seq=s.slot, start=start, tokens=[*tokens, *guesses], sampling=
+            s.request.sampling, n_draft=len(guesses), draft_dists=list(dists),
+            step_seed=s.step_seed(start) if p.judge else 0, judge=p.judge, masks=masks,
+            copy_from=-1 if s.started else s.copy_from, link=link)
+
+    def _links(self, p: Planned) -> bool:
+        """Whether the window ends with a link: its sequence runs ahead."""
+        return p.judge and p.seq.depth > 1 and self._spare
+
     def _drafts(self, plan: list[Planned], step: StepOutput
                 ) -> dict[int, tuple[list[int], list[SparseDist]]]:
-        """Guesses for the planned sequences, one batched call; reused when a step is
-        sent again (after a worker loss), so a solo request's batches do not change. A
-        sequence whose drafting fails is ended alone."""
+        """Guesses for the planned windows (γ, and a link when running ahead), one
+        batched call, drafted after the decided tokens and the guesses already sent;
+        reused when a window is sent again (after a worker loss), so a solo request's
+        batches do not change. A sequence whose drafting fails is ended alone."""
         guesses: dict[int, tuple[list[int], list[SparseDist]]] = {}
         asks = []
         for p in plan:
             s = p.seq
-            if s.last_draft is not None and s.last_draft[0] == len(s.tokens):
-                guesses[s.slot] = (s.last_draft[1][:p.gamma], s.last_draft[2][:p.gamma])
+            n = p.gamma + self._links(p)
+            at = (len(s.tokens), len(s.ahead))
+            if at in s.drafts:
+                kept, dists = s.drafts[at]
+                guesses[s.slot] = (kept[:n], dists[:n])
             else:
-                asks.append(DraftRequest(s.slot, s.tokens, p.gamma, s.request.sampling,
-                                         draft_rng(s.step_seed()), s.request.constraint))
+                start = s.front if p.ahead else s.n_sent
+                asks.append(DraftRequest(s.slot, [*s.tokens, *s.ahead], n,
+                                         s.request.sampling, draft_rng(s.step_seed(start)),
+                                         s.request.constraint))
         if asks and self.drafter is not None:
             t0 = time.perf_counter()
             for ask, draft in zip(asks, self._propose(self.drafter, asks), strict=True):
@@ -456,7 +514,10 @@ class EngineCore:
                     self._finish(seq, error=ClusterError(f"drafting failed: {draft}"),
                                  out=step)
                     continue
-                seq.last_draft = (len(seq.tokens), draft.tokens, list(draft.dists))
+                seq.drafts = {at: d for at, d in seq.drafts.items()
+                              if at[0] >= len(seq.tokens)}
+                seq.drafts[(len(seq.tokens), len(seq.ahead))] = (draft.tokens,
+                                                                 list(draft.dists))
                 guesses[ask.seq] = (draft.tokens, list(draft.dists))
             self.metrics.draft_ms.observe(1000 * (time.perf_counter() - t0))
         return guesses
@@ -478,17 +539,21 @@ class EngineCore:
         return drafts
 
     def _submit(self, batch: Batch, replay: bool = False) -> None:
-        members = [] if replay else [(self.running[s.seq], s) for s in batch.slices
+        members = [] if replay else [(self.running[s.seq], s, self.running[s.seq].chain)
+                                     for s in batch.slices
                                      if s.seq in self.running and s.tokens]
-        for seq, piece in members:
-            seq.n_sent = piece.end - piece.n_draft
-            seq.judging = seq.judging or piece.judge
+        for seq, piece, _ in members:
+            ahead = piece.judge and seq.judging  # sent before the verdict it continues
+            seq.sent(piece)
+            if piece.judge:
+                seq.stats.ahead_windows += ahead
+                self.metrics.windows.labels(kind="ahead" if ahead else "first").inc()
             if not seq.started:
                 self._started(seq, piece)
         self.in_flight[batch.batch_id] = InFlight(batch, members, time.perf_counter(), replay)
         self.metrics.batch_rows.observe(batch.n_rows)
         if not replay:
-            self.metrics.batch_decode_rows.observe(sum(len(piece.tokens) for seq, piece
+            self.metrics.batch_decode_rows.observe(sum(len(piece.tokens) for seq, piece, _
                                                        in members if seq.decoding))
         try:
             self.ring.submit(batch)
@@ -521,8 +586,12 @@ class EngineCore:
             return
         self._observe_times(flight, done)
         verdicts = {r.seq: r for r in done.result.results}
-        for seq, piece in flight.members:
+        for seq, piece, chain in flight.members:
             if seq.done:
+                continue
+            if piece.judge and chain != seq.chain:  # ran ahead of a verdict that broke it
+                seq.stats.stale_windows += 1
+                self.metrics.stale_windows.inc()
                 continue
             try:
                 # Replayed if the ring is lost. A copied prefix is replayed from its tokens
@@ -551,9 +620,10 @@ class EngineCore:
         now = time.perf_counter()
         st = seq.stats
         st.steps += 1
-        if piece.n_draft:
-            st.record_acceptance(piece.n_draft, len(result.accepted))
-            seq.acceptance.observe(piece.n_draft, len(result.accepted))
+        judged = len(piece.guesses)
+        if judged:
+            st.record_acceptance(judged, len(result.accepted))
+            seq.acceptance.observe(judged, len(result.accepted))
         if not seq.decoding:
             st.prefill_s = now - seq.arrived
             seq.first_token_at = now
@@ -567,6 +637,7 @@ class EngineCore:
             # a token: the caches drop it with the next slice.
             seq.n_computed = min(seq.n_computed, len(seq.tokens))
             seq.n_sent = seq.n_computed
+            seq.break_chain()
             seq.tokens.extend(decided.forced)
         st.n_tokens += len(decided.tokens)
         self.metrics.tokens_out.inc(len(decided.tokens))
@@ -592,7 +663,7 @@ class EngineCore:
             return
         error = ClusterError(f"{failed.worker} refused a batch: {failed.message}")
         log.error("%s", error)
-        for seq, _ in flight.members:
+        for seq, _, _ in flight.members:
             self._finish(seq, error=error, out=out)
 
     def _observe_times(self, flight: InFlight, done: BatchDone) -> None:
@@ -763,25 +834,34 @@ class EngineCore:
         answers: queue.Queue[RingEvent] = queue.Queue()
         self.ring.connect(answers.put)
 
-        def timed(slices: list[Slice]) -> float:
-            batch = Batch(self._new_batch_id(), slices)
+        def timed(*windows: list[Slice]) -> float:
+            """Batches sent back to back; the time until the last is answered."""
+            batches = [Batch(self._new_batch_id(), slices) for slices in windows]
             t0 = time.perf_counter()
-            self.ring.submit(batch)
-            try:
-                event = answers.get(timeout=self.batch_timeout_s)
-            except queue.Empty:
-                raise WorkerLost("the ring did not answer while measuring its costs") \
-                    from None
-            if not isinstance(event, BatchDone) or event.result.batch_id != batch.batch_id:
-                raise ClusterError(f"measuring the ring's costs failed: {event}")
+            for batch in batches:
+                self.ring.submit(batch)
+            for batch in batches:
+                try:
+                    event = answers.get(timeout=self.batch_timeout_s)
+                except queue.Empty:
+                    raise WorkerLost("the ring did not answer while measuring its costs") \
+                        from None
+                if not isinstance(event, BatchDone) or \
+                        event.result.batch_id != batch.batch_id:
+                    raise ClusterError(f"measuring the ring's costs failed: {event}")
             return time.perf_counter() - t0
 
+        stages = self.config.micro_batches
         try:
             n = len(probe)
             timed([Slice(0, 0, probe[:-1], judge=False)])
             one = [timed([Slice(0, n - 1, probe[-1:])]) for _ in range(repeats)]
-            many = [timed([Slice(0, n - 1, [*probe[-1:], *probe[:guesses]], n_draft=guesses)])
-                    for _ in range(repeats)]
+            window = [Slice(0, n - 1, [*probe[-1:], *probe[:guesses]], n_draft=guesses)]
+            many = [timed(window) for _ in range(repeats)]
+            # A run-ahead window right behind it (the positions that follow): what the
+            # second adds is what a window costs when the stages overlap.
+            behind = [Slice(0, n + guesses, probe[guesses:2 * guesses + 1], n_draft=guesses)]
+            pair = [timed(window, behind) for _ in range(repeats)] if stages > 1 else []
             timed([Slice(0, 0, [], judge=False)])
         finally:
             self.ring.connect(self._sink_for(self.epoch))
@@ -799,8 +879,10 @@ class EngineCore:
             drafting(probe)
             draft = statistics.median(drafting([*probe, probe[k]]) for k in range(repeats))
             self.drafter.release(0)
-        costs = DraftCosts.measured(draft / guesses, statistics.median(one),
-                                    statistics.median(many), guesses + 1)
+        t_many = statistics.median(many)
+        overlap = (statistics.median(pair) - t_many) / (t_many / stages) if pair else 1.0
+        costs = DraftCosts.measured(draft / guesses, statistics.median(one), t_many,
+                                    guesses + 1, overlap)
         self.use_costs(costs)
         log.info("ring and draft costs: %s", costs.as_dict())
         return costs

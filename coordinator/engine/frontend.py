@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 
-from cluster.errors import ClusterUnavailable, SpecshardError
+from cluster.errors import ClusterError, ClusterUnavailable, SpecshardError
 from coordinator.engine.core import Admit, Cancel, EngineCore, State
 from coordinator.engine.output import Output
 from coordinator.engine.request import (
@@ -158,7 +158,7 @@ class Engine:
             elif isinstance(event, Finished):
                 return Generation(tokens, "".join(text), event.finish_reason, event.stats,
                                   gaps)
-        raise SpecshardError("the engine stopped without finishing")  # pragma: no cover
+        raise ClusterError("the engine stopped without finishing")  # pragma: no cover
 
     async def stream(self, request: GenerationRequest
                      ) -> AsyncIterator[TextChunk | Finished]:

@@ -19,6 +19,10 @@ then chunks of prompts, under a token budget. The rules, and why:
   to back, so stage 0 computes chunk c+1 while stage 1 computes chunk c.
 - A sequence decoded alone always gets the same batches: chunk boundaries at multiples
   of `prefill_chunk`, then one step at a time with a γ that depends only on its tokens.
+- Run-ahead: while fewer sequences decode than micro-batches go round, the stages would
+  idle between a sequence's windows; a sequence whose last window ends with a link sends
+  the next window before the verdict (up to its depth). When other sequences fill the
+  ring, nobody runs ahead.
 """
 
 from __future__ import annotations
@@ -61,19 +65,20 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class Planned:
     seq: Sequence
-    n_tokens: int  # pending tokens to send (from seq.n_sent on)
+    n_tokens: int  # pending tokens to send (from seq.n_sent on); 1 when running ahead
     gamma: int  # draft guesses to append (only when every pending token is sent)
+    ahead: bool = False  # a run-ahead window: its first row is the last window's link
 
     @property
     def judge(self) -> bool:
-        return self.seq.n_sent + self.n_tokens == len(self.seq.tokens)
+        return self.ahead or self.seq.n_sent + self.n_tokens == len(self.seq.tokens)
 
     @property
     def rows(self) -> int:
         return self.n_tokens + self.gamma
 
 
-GammaOf = Callable[[Sequence, int, int], int]  # (sequence, room, at least) → γ
+GammaOf = Callable[[Sequence, int, int], int]  # (sequence, room, at least) → γ; < 0: no room
 
 
 def schedule(running: list[Sequence], config: SchedulerConfig,
@@ -81,16 +86,25 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
     """The next micro-batch's plan; empty when nothing can be sent now.
 
     `gamma_of(seq, room, at_least)` is the sequence's γ for its next step — at least
-    `at_least` if its limits allow, at most `room`."""
+    `at_least` if its limits allow, at most `room`; negative for a run-ahead window that
+    its limits leave no room for."""
     decoding = [s for s in running if s.decoding and not s.done]
     cap = math.ceil(len(decoding) / config.micro_batches)
     budget = config.max_batch_tokens if decoding else sys.maxsize
+    spare = len(decoding) < config.micro_batches  # stages idle between their windows
     plan: list[Planned] = []
-    for s in sorted((s for s in decoding if s.ready), key=lambda s: s.slot)[:cap]:
+    for s in sorted((s for s in decoding if s.ready or (spare and s.can_run_ahead)),
+                    key=lambda s: s.slot)[:cap]:
+        if not s.ready:
+            gamma = gamma_of(s, budget - 1, 0)
+            if budget >= 1 and gamma >= 0:
+                plan.append(Planned(s, 1, gamma, ahead=True))
+                budget -= 1 + gamma
+            continue
         n = min(s.pending, budget)
         if n <= 0:
             break
-        gamma = gamma_of(s, budget - n, 0) if n == s.pending else 0
+        gamma = max(gamma_of(s, budget - n, 0), 0) if n == s.pending else 0
         plan.append(Planned(s, n, gamma))
         budget -= n + gamma
     plan = _one_shape(plan, config, gamma_of, budget)
@@ -121,7 +135,7 @@ def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
         return plan
     longest = max(lengths)
     raised = [Planned(p.seq, p.n_tokens, gamma_of(p.seq, p.gamma + budget, longest - p.n_tokens))
-              if p.n_tokens == p.seq.pending else p for p in plan]
+              if p.n_tokens == p.seq.pending and not p.ahead else p for p in plan]
     added = sum(p.rows for p in raised) - sum(lengths)
     if added > budget or config.cost([p.rows for p in raised]) >= config.cost(lengths):
         return plan

@@ -4,6 +4,12 @@ Positions: `tokens` is the prompt plus every decided token. The ring's KV caches
 `tokens[:n_computed]` for sure; batches in flight may be extending that up to `n_sent`.
 The next slice starts at `n_sent` with the tokens not sent yet — prompt chunks, or the
 last decided token (and any forced ones) followed by draft guesses.
+
+Run-ahead speculation (docs/scheduler.md, "Run-ahead windows"): a window may end with a
+link — a guess for the position after its last row, judged there — and the next window,
+sent before the verdict, starts with that link. `ahead` holds the guesses sent past the
+decided tokens, the chain the windows in flight assume; a verdict that breaks it (a
+rejection, forced tokens) bumps `chain`, and the windows sent on the old chain are stale.
 """
 
 from __future__ import annotations
@@ -44,13 +50,20 @@ class Sequence(Owned):
     n_prompt: int = 0
     n_computed: int = 0
     n_sent: int = 0
-    judging: bool = False  # a judged slice is in flight: the next tokens wait for it
+    flying: int = 0  # judged windows of the current chain in flight
+    depth: int = 1  # judged windows it may have in flight (1: synchronous speculation)
+    ahead: list[int] = field(default_factory=list)  # guesses sent past `tokens`, in order
+    linked: bool = False  # the last window sent ends with a link: the next may follow it
+    chain: int = 0  # bumped when a verdict breaks `ahead`: older windows are stale
     done: bool = False
     stats: Stats = field(default_factory=Stats)
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
     history: list[tuple[int, Slice]] = field(default_factory=list)  # completed, for replay
     first_token_at: float = 0.0
-    last_draft: tuple[int, list[int], list[SparseDist]] | None = None  # (at, tokens, dists)
+    # Drafts by (tokens decided, guesses sent) when drafted: a window re-sent after a
+    # worker loss reuses its guesses (those of windows older than the decided tokens go).
+    drafts: dict[tuple[int, int], tuple[list[int], list[SparseDist]]] = \
+        field(default_factory=dict)
     share: Share | None = None  # a prefix to copy, until the first slice is sent
     share_ready: bool = False  # `share` can be copied now (its source has sent it)
     copy_from: int = -1  # the first slice copies positions 0 .. n_sent − 1 from this slot
@@ -75,24 +88,58 @@ class Sequence(Owned):
         return len(self.tokens) - self.n_sent
 
     @property
+    def judging(self) -> bool:
+        """A judged window is in flight: the next tokens wait for its verdict (or run
+        ahead of it)."""
+        return self.flying > 0
+
+    @property
     def ready(self) -> bool:
         return not self.done and not self.judging and self.pending > 0 and \
             (self.share is None or self.share_ready)
 
     @property
+    def can_run_ahead(self) -> bool:
+        """Another window may go out now, continuing the chain past the last one's link."""
+        return not self.done and self.linked and 0 < self.flying < self.depth
+
+    @property
+    def front(self) -> int:
+        """Where the next run-ahead window starts: the last link's position."""
+        return len(self.tokens) + len(self.ahead) - 1
+
+    @property
     def generated(self) -> int:
         return len(self.tokens) - self.n_prompt
 
-    def step_seed(self) -> int:
-        """The last worker's seed for this sequence's next judged slice.
+    def step_seed(self, start: int) -> int:
+        """The last worker's seed for this sequence's judged window starting at `start`.
 
-        A function of the request's seed and the step number, so a step re-sent after a
-        worker loss draws exactly what it would have drawn."""
+        A function of the request's seed, the tokens decided and the window's start — one
+        value per window, run-ahead windows included — so a window re-sent after a worker
+        loss draws exactly what it would have drawn."""
         if self.request.sampling.greedy:
             return 0  # greedy verification draws nothing
         # Python hashes tuples of ints the same in every process and run (no
         # PYTHONHASHSEED for ints); 70 µs a step cheaper than a numpy SeedSequence.
-        return hash((self.seed_base, self.stats.steps)) & 0x7FFF_FFFF_FFFF_FFFF
+        return hash((self.seed_base, len(self.tokens), start)) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def sent(self, piece: Slice) -> None:
+        """`piece` went out: its rows are in flight."""
+        if piece.judge:
+            self.flying += 1
+            self.ahead += piece.guesses  # a run-ahead window's first row is the last link
+            self.linked = piece.link >= 0
+            self.n_sent = piece.end if self.linked else piece.end - piece.n_draft
+        else:
+            self.n_sent = piece.end - piece.n_draft
+
+    def break_chain(self) -> None:
+        """The windows in flight assume tokens that were not decided: they are stale."""
+        self.chain += 1
+        self.flying = 0
+        self.ahead.clear()
+        self.linked = False
 
     def confirm(self, piece: Slice, result: SeqResult | None) -> list[int]:
         """A batch holding `piece` came back: what the ring now holds, tokens decided."""
@@ -101,10 +148,16 @@ class Sequence(Owned):
         if result is None:  # a prompt chunk
             self.n_computed = max(self.n_computed, piece.end)
             return []
-        self.judging = False
-        kept = piece.end - piece.n_draft + len(result.accepted)
-        self.n_computed = kept
-        self.n_sent = kept
+        self.flying -= 1
+        accepted = len(result.accepted)
+        self.n_computed = piece.end - piece.n_draft + min(accepted, piece.n_draft)
+        if piece.link >= 0 and accepted == piece.n_draft + 1:
+            del self.ahead[:accepted]  # every guess and the link: the chain holds
+            self.n_sent = max(self.n_sent, piece.end)
+            self.linked = self.linked and self.flying > 0
+        else:
+            self.break_chain()
+            self.n_sent = self.n_computed
         return result.tokens
 
     def reuse(self, held: int, prefix: list[tuple[int, Slice]]) -> None:
@@ -117,4 +170,4 @@ class Sequence(Owned):
     def rewind(self) -> None:
         """The batches in flight are lost: send again from what the ring surely holds."""
         self.n_sent = self.n_computed
-        self.judging = False
+        self.break_chain()

@@ -30,5 +30,5 @@ def replay_plan(sequences: list[Sequence]) -> list[list[Slice]]:
         for batch_id, piece in seq.history:
             # The caches only: the last worker judges nothing (same rows, same K/V).
             by_batch[batch_id].append(replace(piece, judge=False, return_logits=False,
-                                              draft_dists=[]))
+                                              draft_dists=[], masks=[], link=-1))
     return [sorted(by_batch[b], key=lambda s: s.seq) for b in sorted(by_batch)]

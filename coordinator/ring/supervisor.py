@@ -157,6 +157,9 @@ class RingSupervisor:
                 ring.connect(sink)
                 ring.truncate_all([], 0)
                 self.infos = ring.node_infos()
+                # a restarted worker may be another build or host: the same check as
+                # `start`, or it would compute with other RoPE values unnoticed
+                check_loaded(self.specs, self.infos, self.workers.addresses)
             except BaseException:
                 ring.close()
                 raise

@@ -57,6 +57,7 @@ class Projection:
     draft_ms: float  # γ draft tokens
     tok_s: float
     speedup: float  # over the same hardware without a draft
+    depth: int = 1  # windows in flight (run-ahead when > 1)
 
     def as_dict(self) -> dict[str, object]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -78,19 +79,24 @@ def step_ms(profile: HardwareProfile, n_tokens: int, context: int = 0) -> float:
         sum(hop_ms(h, n_tokens, profile.hidden_bytes_per_token) for h in profile.hops)
 
 
-def expected_tokens(acceptance: list[float], gamma: int) -> float:
-    """1 + Σ_{k<γ} P(first k+1 guesses accepted); positions past the data extrapolated.
+def cumulative(acceptance: list[float], n: int) -> list[float]:
+    """P(first k+1 guesses accepted) for k < n; positions past the data extrapolated.
 
     Past the measured positions each further guess is assumed accepted with the last
     measured conditional rate acceptance[-1] / acceptance[-2].
     """
-    cumulative = list(acceptance[:gamma])
-    if len(cumulative) < gamma and cumulative:
+    out = list(acceptance[:n])
+    if len(out) < n and out:
         prev = acceptance[-2] if len(acceptance) > 1 else 1.0
         rate = min(acceptance[-1] / prev, 1.0) if prev > 0 else 0.0
-        while len(cumulative) < gamma:
-            cumulative.append(cumulative[-1] * rate)
-    return 1.0 + sum(cumulative)
+        while len(out) < n:
+            out.append(out[-1] * rate)
+    return out
+
+
+def expected_tokens(acceptance: list[float], gamma: int) -> float:
+    """1 + Σ_{k<γ} P(first k+1 guesses accepted)."""
+    return 1.0 + sum(cumulative(acceptance, gamma))
 
 
 def baseline(profile: HardwareProfile, context: int = 0) -> Projection:
@@ -110,6 +116,26 @@ def project(profile: HardwareProfile, acceptance: list[float], gamma: int,
     tok_s = 1000 * tokens / (draft + ms)
     return Projection(profile.name, gamma, context, tokens, ms, draft, tok_s,
                       tok_s / baseline(profile, context).tok_s)
+
+
+def project_ahead(profile: HardwareProfile, acceptance: list[float], gamma: int,
+                  context: int = 0) -> Projection:
+    """Tokens/s with run-ahead windows, one per node in flight (docs/scheduler.md,
+    "Run-ahead windows"): a window of γ guesses and a link is accepted whole with
+    P = P(first γ+1 accepted); then the next verdict follows a stage-time later (the
+    slowest node and its hop; the draft runs on the first node's GPU, beside its
+    stage), else a whole ring-time later, the fresh window drafted after the verdict."""
+    n = gamma + 1
+    stages = [node_ms(node, n, context) + hop_ms(hop, n, profile.hidden_bytes_per_token)
+              for node, hop in zip(profile.nodes, profile.hops, strict=True)]
+    draft = n * profile.draft_ms_per_token
+    whole = cumulative(acceptance, n)[-1] if acceptance else 0.0
+    first = [stages[0] + draft, *stages[1:]]
+    ms = whole * max(first) + (1 - whole) * (sum(stages) + draft)
+    tokens = expected_tokens(acceptance, gamma) if acceptance else 1.0
+    tok_s = 1000 * tokens / ms
+    return Projection(profile.name, gamma, context, tokens, sum(stages), draft, tok_s,
+                      tok_s / baseline(profile, context).tok_s, depth=len(stages))
 
 
 def best_projection(profile: HardwareProfile, acceptance: list[float], gamma_max: int = 16,

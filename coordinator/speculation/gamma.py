@@ -11,6 +11,21 @@ here reads a clock: a sequence's γ follows from its tokens, so a request decode
 gives the same batches — and the same text — run after run and across a worker loss
 (docs/scheduler.md, "Determinism"). When drafting does not pay, γ is 0 except for a probe
 every `probe_every` steps, which keeps α's estimates alive.
+
+Run-ahead (depth D > 1, docs/scheduler.md "Run-ahead windows"): with S stages a window
+of γ rows takes about t_v(γ)/S on each, and a window is followed by the next before its
+verdict. Drafting it ((γ+1)·t_d: γ guesses and a link) shares the first box with stage
+0 — the coordinator's core, or its GPU — so it adds to that stage's time. A window
+judges γ guesses and a link; it is useful when every window before it was accepted
+whole, P(γ) = Π_{j≤γ+1} α_j. After a rejection, the D − 1 windows behind it are stale.
+Per useful window:
+
+    rate_D(γ) = E(γ) / ((o·t_v(γ)/S + (γ+1)·t_d) · (1 + (1 − P(γ))·(D − 1)))
+
+where o (`DraftCosts.overlap`) is measured at start: what a window sent right behind
+another adds, over t_v/S (1 on boxes of their own; more on cores that slow each other).
+
+D = S when the best rate_S beats the best synchronous rate(γ), else 1.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ class GammaConfig:
     # While γ = 0, every n-th step tries γ = 1 (0: never). A probe costs one extra verify
     # row and a draft catch-up; 32 keeps that under ~3% on a CPU (bench/spec.py).
     probe_every: int = 32
+    depth: int | None = None  # run-ahead windows in flight; None: chosen by the costs
 
     def __post_init__(self) -> None:
         if not 0 <= self.gamma_max <= 16:
@@ -43,6 +59,8 @@ class GammaConfig:
             raise ValueError(f"a fixed γ must be in 0..16, got {self.fixed}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.depth is not None and not 1 <= self.depth <= 8:
+            raise ValueError(f"the speculation depth must be in 1..8, got {self.depth}")
 
 
 def expected_tokens(alphas: list[float] | np.ndarray, gamma: int) -> float:
@@ -50,16 +68,30 @@ def expected_tokens(alphas: list[float] | np.ndarray, gamma: int) -> float:
     return 1.0 + float(np.sum(np.cumprod(np.asarray(alphas[:gamma], dtype=np.float64))))
 
 
+def rates(alphas: list[float] | np.ndarray, t_draft: float, t_verify_a: float,
+          t_verify_b: float, gamma_max: int, depth: int = 1, overlap: float = 1.0
+          ) -> np.ndarray:
+    """Expected tokens per second for γ = 0..gamma_max, synchronous (depth 1) or with
+    `depth` windows in flight over as many stages (the module's formulas)."""
+    gammas = np.arange(gamma_max + 1)
+    a = np.asarray(alphas[:gamma_max + 1], dtype=np.float64)
+    a = np.concatenate([a, np.full(gamma_max + 1 - a.size, a[-1] if a.size else 0.0)])
+    whole = np.cumprod(a)  # P(guesses 1..k+1 all accepted), k = 0..gamma_max
+    tokens = 1.0 + np.concatenate([[0.0], np.cumsum(whole[:gamma_max])])[gammas]
+    verify = gammas * t_verify_b + t_verify_a
+    if depth == 1:
+        return tokens / np.maximum(gammas * t_draft + verify, 1e-12)
+    window = overlap * verify / depth + (gammas + 1) * t_draft
+    return tokens / np.maximum(window * (1 + (1 - whole[gammas]) * (depth - 1)), 1e-12)
+
+
 def best_gamma(alphas: list[float] | np.ndarray, t_draft: float, t_verify_a: float,
-               t_verify_b: float, gamma_min: int, gamma_max: int) -> int:
-    """argmax over γ of E[tokens](γ) / (γ·t_draft + a + b·γ); the smallest γ on ties."""
-    gammas = np.arange(gamma_min, gamma_max + 1)
-    cum = np.concatenate([[0.0], np.cumsum(np.cumprod(np.asarray(alphas[:gamma_max],
-                                                                 dtype=np.float64)))])
-    tokens = 1.0 + cum[gammas]
-    time = np.maximum(gammas * (t_draft + t_verify_b) + t_verify_a, 1e-12)
-    rate = tokens / time
-    return int(gammas[int(np.argmax(rate >= rate.max() * (1 - 1e-9)))])
+               t_verify_b: float, gamma_min: int, gamma_max: int, depth: int = 1,
+               overlap: float = 1.0) -> int:
+    """argmax over γ of the expected rate (`rates`); the smallest γ on ties."""
+    rate = rates(alphas, t_draft, t_verify_a, t_verify_b, gamma_max, depth,
+                 overlap)[gamma_min:]
+    return gamma_min + int(np.argmax(rate >= rate.max() * (1 - 1e-9)))
 
 
 @dataclass
@@ -111,17 +143,25 @@ class DraftCosts:
     draft: float
     verify_a: float
     verify_b: float
+    # What a window sent right behind another costs, over the stage-time t_v/S a
+    # perfect pipeline would add: 1 where stages run on boxes of their own; more where
+    # they slow each other computing at once (cores sharing a chip), or hops add.
+    overlap: float = 1.0
 
     @classmethod
-    def measured(cls, draft: float, verify_1: float, verify_n: float, n: int) -> DraftCosts:
-        """From the time of one draft token and of verify passes of 1 and n tokens."""
+    def measured(cls, draft: float, verify_1: float, verify_n: float, n: int,
+                 overlap: float = 1.0) -> DraftCosts:
+        """From the time of one draft token, of verify passes of 1 and n tokens, and
+        what a second pass of n right behind the first added, over its stage-time."""
         b = max(verify_n - verify_1, 0.0) / max(n - 1, 1)
-        return cls(_two_digits(draft), _two_digits(verify_1), _two_digits(b))
+        return cls(_two_digits(draft), _two_digits(verify_1), _two_digits(b),
+                   _two_digits(max(overlap, 1.0)))
 
     def as_dict(self) -> dict[str, float]:
         return {"draft_ms": round(1000 * self.draft, 3),
                 "verify_ms_a": round(1000 * self.verify_a, 3),
-                "verify_ms_b": round(1000 * self.verify_b, 3)}
+                "verify_ms_b": round(1000 * self.verify_b, 3),
+                "overlap": self.overlap}
 
 
 # An acceptance that good drafts reach on code (the demo pair: 0.88 at the first
@@ -141,20 +181,37 @@ class GammaPolicy:
     def new_stats(self) -> AcceptanceStats:
         return AcceptanceStats.for_config(self.config)
 
-    def choose(self, stats: AcceptanceStats, step: int) -> int:
-        """γ for a sequence's `step`-th decode step, given its acceptance history."""
+    def choose(self, stats: AcceptanceStats, step: int, depth: int = 1) -> int:
+        """γ for a sequence's `step`-th decode step, given its acceptance history and
+        the windows it keeps in flight."""
         c = self.config
         if c.fixed is not None:
             return c.fixed
         if c.gamma_max == 0:
             return 0
         k = self.costs
-        gamma = best_gamma(stats.alphas(c.gamma_max), k.draft, k.verify_a, k.verify_b, 0,
-                           c.gamma_max)
-        if gamma == 0 and c.probe_every and step % c.probe_every == c.probe_every - 1 \
-                and self.could_pay():
+        gamma = best_gamma(stats.alphas(c.gamma_max + 1), k.draft, k.verify_a, k.verify_b,
+                           0, c.gamma_max, depth, k.overlap)
+        if gamma == 0 and depth == 1 and c.probe_every and \
+                step % c.probe_every == c.probe_every - 1 and self.could_pay():
             return 1
         return gamma
+
+    def depth(self, stats: AcceptanceStats, stages: int) -> int:
+        """Windows in flight for a sequence's next chain: `--spec-depth`, or `stages`
+        when running ahead is expected to be faster than speculating synchronously."""
+        c = self.config
+        if c.depth is not None:
+            return min(c.depth, stages)
+        if stages < 2:
+            return 1
+        k, alphas = self.costs, stats.alphas(c.gamma_max + 1)
+        top = c.fixed if c.fixed is not None else c.gamma_max
+        low = c.fixed if c.fixed is not None else 0
+        sync = rates(alphas, k.draft, k.verify_a, k.verify_b, top)[low:].max()
+        ahead = rates(alphas, k.draft, k.verify_a, k.verify_b, top, stages,
+                      k.overlap)[low:].max()
+        return stages if ahead > sync else 1
 
     def could_pay(self) -> bool:
         """Whether drafting would pay at a high acceptance. If not, no probe: a probe

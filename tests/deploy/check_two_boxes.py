@@ -2,11 +2,16 @@
 
 box1 runs the coordinator and a worker, box2 a worker; each box has one core and a
 1 Gbit/s link. From a clean start: the playbook over SSH (wheelhouse and model gathered
-once on this host, the controller, and pushed), a chat through the deployed API (the
-hidden states cross the bridge), the playbook again (`changed=0`) and in `--check
---diff` (`changed=0`), ufw (a worker port closed to a non-member, open to the peer), a
-rolling restart of the workers while a stream runs (the stream completes), a reboot of
-box2 (the cluster recovers and serves), everything torn down, on failure too.
+once on this host, the controller; the wheelhouse pushed to both boxes, the model to
+box1 only, which copies it to box2 over SSH with a key made for that copy), a chat
+through the deployed API (the hidden states cross the bridge), the playbook again
+(`changed=0`) and in `--check --diff` (`changed=0`), ufw (a worker port closed to a
+non-member, open to the peer), a rolling restart of the workers while a stream runs (the
+stream completes), a changed coordinator setting while a stream runs (the coordinator
+drains it, then restarts), a reboot of box2 (the cluster recovers and serves), the
+coordinator's journal (load progress and ring events at INFO), everything torn down, on
+failure too. The report lines, the timings and the verdict are also written to
+last-run/report.txt.
 
 Needs root, systemd-nspawn, debootstrap, apt-cacher-ng (.ci/run installs them). Named
 so that `make test` does not collect it; run it with `make deploy-test`.
@@ -25,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,12 +112,14 @@ class Lab:
     boxes: dict[str, boxes.Box]
     timings: dict[str, float] = field(default_factory=dict)
     report: list[str] = field(default_factory=list)
+    verdict: str = "not run"
 
     @property
     def api(self) -> str:
         return f"http://{BOXES['box1'][0]}:{HTTP_PORT}"
 
-    def playbook(self, *extra: str, log_name: str) -> Run:
+    def playbook(self, *extra: str, log_name: str,
+                 on_line: Callable[[str], None] | None = None) -> Run:
         env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
                    ANSIBLE_FORCE_COLOR="0", ANSIBLE_HOME=str(self.work / "ansible-home"),
                    ANSIBLE_LOCAL_TEMP=str(self.work / "ansible-tmp"),
@@ -136,6 +143,8 @@ class Lab:
                     out.write(line)
                     out.flush()
                     run.lines_at.append((time.monotonic(), line))
+                    if on_line is not None:
+                        on_line(line)
                 run.returncode = proc.wait()
             finally:
                 timer.cancel()
@@ -188,6 +197,22 @@ def tx_bytes(veth: str) -> int:
     return int(Path(f"/sys/class/net/{veth}/statistics/tx_bytes").read_text())
 
 
+def rx_bytes(veth: str) -> int:
+    return int(Path(f"/sys/class/net/{veth}/statistics/rx_bytes").read_text())
+
+
+def task_output(stdout: str, task: str) -> list[str]:
+    """The result lines a task printed (its header starts with `TASK [<task>`)."""
+    lines: list[str] = []
+    inside = False
+    for line in stdout.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY RECAP")):
+            inside = line.startswith(f"TASK [{task}")
+        elif inside and line.strip():
+            lines.append(line.strip())
+    return lines
+
+
 def main_pid(box: boxes.Box, unit: str) -> int:
     return int(box.ssh(f"systemctl show -p MainPID --value {unit}").stdout.strip() or 0)
 
@@ -201,7 +226,7 @@ def keep_logs(work: Path) -> None:
     kept = boxes.CACHE / "last-run"
     shutil.rmtree(kept, ignore_errors=True)
     kept.mkdir(parents=True)
-    for path in [*work.glob("*.log"), *work.glob("*.console")]:
+    for path in [*work.glob("*.log"), *work.glob("*.console"), *work.glob("report.txt")]:
         shutil.copy2(path, kept / path.name)
     say(f"logs kept in {kept}")
 
@@ -285,16 +310,104 @@ def lab() -> Iterator[Lab]:
             say("timings (s): " + json.dumps(timings))
             for line in lab.report:
                 say(line)
+            say(f"verdict: {lab.verdict}")
+            # Kept with the logs (keep_logs, at teardown): what this run printed last.
+            (work / "report.txt").write_text(
+                f"deploy-test {time.strftime('%Y-%m-%d %H:%M:%S')}\nverdict: {lab.verdict}\n"
+                f"timings (s): {json.dumps(timings)}\n" + "\n".join(lab.report) + "\n")
 
 
 def test_two_boxes(lab: Lab) -> None:
+    try:
+        check_two_boxes(lab)
+    except BaseException as exc:
+        lab.verdict = f"FAIL: {type(exc).__name__}: {str(exc)[:3000]}"
+        raise
+    lab.verdict = "PASS"
+
+
+def stream_sse(lab: Lab, prompt: str, max_tokens: int, outcome: dict[str, object],
+               chunks: list[tuple[float, str]]) -> None:
+    """A streamed chat read as the raw event stream (the openai client hides whether
+    `data: [DONE]` came): each chunk's time and text, the status, the finish reason."""
+    body = {"model": "", "temperature": 0, "max_tokens": max_tokens, "stream": True,
+            "messages": [{"role": "user", "content": prompt}]}
+    try:
+        with httpx.stream("POST", lab.api + "/v1/chat/completions", json=body, timeout=600,
+                          headers={"Authorization": f"Bearer {lab.key}"}) as reply:
+            outcome["status"] = reply.status_code
+            for line in reply.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    outcome["done"] = True
+                    continue
+                for choice in json.loads(line[len("data: "):]).get("choices", []):
+                    chunks.append((time.monotonic(), (choice.get("delta") or {}).get(
+                        "content") or ""))
+                    if choice.get("finish_reason"):
+                        outcome["finish"] = choice["finish_reason"]
+    except Exception as exc:  # reported by the caller
+        outcome["error"] = repr(exc)
+
+
+def check_model_copied_box_to_box(lab: Lab, stdout: str,
+                                  marks: list[tuple[str, float, int, int]]) -> None:
+    """The controller sent the model once, to box1; box1 sent it to box2 (box2's journal
+    says so, from box1's address, sha256 verified); no copy key is left authorized."""
+    box1, box2 = lab.boxes["box1"], lab.boxes["box2"]
+    size = models.DEMO_TARGET.size
+    name = models.DEMO_TARGET.filename
+    begin = next(i for i, m in enumerate(marks)
+                 if m[0].startswith("TASK [models : Copy the models from the controller"))
+    end = next(i for i, m in enumerate(marks) if i > begin and not m[0].startswith(
+        "TASK [models : "))
+    seconds = marks[end][1] - marks[begin][1]
+    from_controller = marks[end][2] - marks[begin][2]
+    from_box1 = marks[end][3] - marks[begin][3]
+    pushed = [line for line in task_output(stdout, "models : Copy the models from the "
+                                                   "controller") if line.startswith("changed")]
+    sent = [line for line in task_output(stdout, "models : Send the models box to box")
+            if line.startswith("changed")]
+    journal = box2.ssh("journalctl -t specshard-model-copy --no-pager -o cat",
+                       check=False).stdout.strip()
+    left = {b.name: b.ssh("grep -c specshard-model-copy /root/.ssh/authorized_keys; "
+                          "ls -d /tmp/*.specshard-model-copy 2>/dev/null | wc -l",
+                          check=False).stdout.split() for b in (box1, box2)}
+    lab.report.append(
+        f"model: the controller sent {from_controller / 1e6:.0f} MB into the bridge while "
+        f"the models role ran ({seconds:.0f} s; the model is {size / 1e6:.0f} MB), box1 "
+        f"{from_box1 / 1e6:.0f} MB; pushed from the controller: {pushed}; box to box: "
+        f"{sent}; box2's journal: {journal!r}; copy keys authorized, key pairs left "
+        f"(box: [keys, pairs]): {left}")
+    assert pushed == [f"changed: [box1] => (item={name})"], pushed
+    assert sent == [f"changed: [box1] => (item={name} to box2)"], sent
+    assert re.search(rf"received {re.escape(name)} from {re.escape(BOXES['box1'][0])}: "
+                     rf"bytes 0-{size} in [\d.]+ s, sha256 {models.DEMO_TARGET.sha256} "
+                     r"verified", journal), journal
+    assert size < from_box1 < 1.2 * size  # box1 sent it on, once
+    assert from_controller < 1.3 * size  # the controller sent it once, not twice
+    assert left == {"box1": ["0", "0"], "box2": ["0", "0"]}, left
+
+
+def check_two_boxes(lab: Lab) -> None:
     box1, box2 = lab.boxes["box1"], lab.boxes["box2"]
     t = lab.timings
 
+    # Bytes at each task's start: what this host (the controller) sent into the bridge
+    # (the bridge device counts only its own traffic, not what it forwards between the
+    # boxes) and what box1 sent (its link's host end receives it).
+    marks: list[tuple[str, float, int, int]] = []
+
+    def mark(line: str) -> None:
+        if line.startswith(("TASK [", "PLAY RECAP")):
+            marks.append((line, time.monotonic(), tx_bytes(boxes.BRIDGE), rx_bytes(box1.veth)))
+
     with step("first playbook run", t):
-        first = lab.playbook(log_name="run1")
+        first = lab.playbook(log_name="run1", on_line=mark)
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in first.recap.values())
     lab.report.append(f"first run: {first.recap}")
+    check_model_copied_box_to_box(lab, first.stdout, marks)
     with step("cluster serving", t):
         lab.wait_serving(300)
     info = lab.cluster()
@@ -333,6 +446,29 @@ def test_two_boxes(lab: Lab) -> None:
     lab.report.append(f"--check --diff: {check.recap}")
     assert all(r["changed"] == 0 and r["failed"] == 0 for r in check.recap.values()), \
         check.stdout[-6000:]
+
+    # box2 lost its copy but kept the first 400 MB of it, as an interrupted copy would;
+    # ufw is active now. `--tags models` copies the rest from box1 (resumed where the
+    # part ends), opening SSH on box2 to box1's address alone meanwhile and closing it.
+    with step("model copy resumed box to box", t):
+        name, size, kept = models.DEMO_TARGET.filename, models.DEMO_TARGET.size, 400_000_000
+        rules = box2.ssh("ufw status numbered").stdout
+        box2.ssh(f"cd /var/lib/specshard/models && head -c {kept} {name} > .{name}.part "
+                 f"&& rm {name} .{name}.source")
+        resumed = lab.playbook("--tags", "models", log_name="resume")
+        rules_after = box2.ssh("ufw status numbered").stdout
+        received = box2.ssh("journalctl -t specshard-model-copy --no-pager -o cat | tail -n 1",
+                            check=False).stdout.strip()
+    opened = [line for line in task_output(resumed.stdout, "models : Let the sending box "
+                                                           "reach SSH") if "changed" in line]
+    closed = [line for line in task_output(resumed.stdout, "models : Close ufw to the "
+                                                           "sending box") if "changed" in line]
+    lab.report.append(f"model copy resumed: {received!r}; ufw opened {opened}, closed "
+                      f"{closed}, rules as before: {rules_after == rules}; {resumed.recap}")
+    assert f"from {BOXES['box1'][0]}: bytes {kept}-{size} " in received, received
+    assert opened == closed == [f"changed: [box2] => (item={BOXES['box1'][0]})"], \
+        (opened, closed)
+    assert rules_after == rules and "Status: active" in rules, (rules, rules_after)
 
     with step("ufw", t):
         probe = ("import socket,sys; s=socket.socket(); s.settimeout(3); "
@@ -404,6 +540,57 @@ def test_two_boxes(lab: Lab) -> None:
     whole = counted if outcome.get("finish") == "stop" else counted[:-1]  # last may be cut
     assert whole == [str(k) for k in range(1, len(whole) + 1)], text[-500:]
 
+    # A changed coordinator setting (its drain timeout: a new env file and unit) notifies
+    # the coordinator's restart handler while a short stream runs. The handler restarts
+    # it; on SIGTERM it stops admitting and gives the running request the old drain
+    # timeout (10 s) to finish, then ends it with finish_reason "abort" — either way the
+    # stream ends cleanly (a finish reason, then [DONE]) — and the run waits for /health.
+    with step("coordinator restart during a stream", t):
+        serve_pid = main_pid(box1, "specshard-serve")
+        worker_pids = {name: main_pid(b, "specshard-worker@0") for name, b in lab.boxes.items()}
+        short: list[tuple[float, str]] = []
+        ended: dict[str, object] = {}
+        reader = threading.Thread(target=stream_sse, daemon=True, args=(
+            lab, "Count from 1 to 100, one number per line, nothing else.", 80, ended, short))
+
+        def start_stream(line: str) -> None:
+            # The services role's first task, ~7 s before the handler: the stream (80
+            # tokens, 2-5 tokens/s here) is running when the coordinator is told to stop.
+            if line.startswith("TASK [services : Check the service settings]") \
+                    and reader.ident is None:
+                reader.start()
+
+        drained = lab.playbook(
+            "--tags", "services", "-e",
+            json.dumps({"services_worker_env": env, "specshard_drain_timeout": 12}),
+            log_name="coordinator", on_line=start_stream)
+        assert reader.ident is not None, "the playbook never reached the services role"
+        reader.join(300)
+        assert not reader.is_alive(), "the stream did not end"
+        lab.wait_serving(120)
+        answer3 = lab.ask("What is the capital of France? Answer in one word.")
+        serve_after = main_pid(box1, "specshard-serve")
+    drains = box1.ssh("journalctl -u specshard-serve --no-pager -o cat | grep 'draining:' "
+                      "| tail -n 1", check=False).stdout.strip()
+    handler = [at for at, line in drained.lines_at if "Restart the coordinator" in line]
+    shown = "".join(piece for _, piece in short)
+    lab.report.append(
+        f"coordinator restart: pid {serve_pid} -> {serve_after}; the stream ran "
+        f"{(short[-1][0] - short[0][0]) if short else 0:.0f} s, {len(short)} chunks, finish "
+        f"{ended.get('finish')}, [DONE] {bool(ended.get('done'))}, error {ended.get('error')};"
+        f" handler started {(handler[0] - short[0][0]) if handler and short else 0:.0f} s "
+        f"into the stream; journal: {drains!r}; its last line: "
+        f"{shown.strip().splitlines()[-1] if shown.strip() else ''!r}; then {answer3!r}")
+    assert handler, drained.stdout[-4000:]
+    assert ended.get("status") == 200 and "error" not in ended, ended
+    assert ended.get("finish") in ("stop", "length", "abort") and ended.get("done"), ended
+    # It was streaming when the handler began, and the coordinator drained it (not 0).
+    assert short and short[0][0] < handler[0], (short[:3], handler)
+    assert re.search(r"draining: [1-9]\d* request", drains), drains
+    assert serve_after != serve_pid and serve_after > 0
+    assert {n: main_pid(b, "specshard-worker@0") for n, b in lab.boxes.items()} == worker_pids
+    assert "paris" in answer3.lower()
+
     with step("reboot box2 and recover", t):
         boots = box2.boots
         box2.ssh("systemctl reboot", check=False, timeout=30)
@@ -418,6 +605,20 @@ def test_two_boxes(lab: Lab) -> None:
     lab.report.append(f"after box2's reboot: answer {answer2!r}, ring restarts "
                       f"{info.get('restarts')}")
     assert "paris" in answer2.lower()
-    journal = box1.ssh("journalctl -u specshard-serve --no-pager -o cat | tail -n 30",
+
+    # The journal under systemd holds the INFO lines (SPECSHARD_LOG_LEVEL=info): each
+    # worker's load progress (coordinator/ring/grpc_ring.py: "<worker> layers A-B: <phase>
+    # …") and the ring's events (coordinator/engine/core.py: lost, rebuilt, replayed).
+    journal = box1.ssh("journalctl -u specshard-serve --no-pager -o cat",
                        check=False).stdout
-    lab.report.append("coordinator journal (last lines):\n" + journal)
+    (lab.work / "coordinator-journal.log").write_text(journal)
+    phases = set(re.findall(r":\d+ layers \d+-\d+: (cut|load|connect|ready) ", journal))
+    rebuilt = re.findall(r"ring rebuilt after \d+ attempt\(s\); \d+ sequences replayed",
+                         journal)
+    lab.report.append(f"coordinator journal: load phases {sorted(phases)}, "
+                      f"{journal.count('ring lost (')} 'ring lost', {len(rebuilt)} 'ring "
+                      f"rebuilt', {journal.count('draining:')} 'draining' lines")
+    lab.report.append("coordinator journal (last lines):\n"
+                      + "\n".join(journal.splitlines()[-30:]))
+    assert {"load", "ready"} <= phases, journal[-3000:]
+    assert "ring lost (" in journal and len(rebuilt) >= 2, journal[-3000:]

@@ -9,6 +9,12 @@ lacks something, and llama-cpp-python is built (with CMAKE_ARGS) only when its w
 missing. The specshard wheel itself is not kept (each box installs the source archive).
 The wheels are also packed into DIR/<key>.tar, the one file the playbook pushes.
 Prints one JSON line: {"dir": ..., "archive": ..., "added": [new wheel files]}.
+
+    wheelhouse.py --probe --root DIR --llama-cpp VERSION --cmake-args ARGS
+
+prints what the wheels would fit (this machine's OS, machine, Python X.Y and glibc) and
+whether llama-cpp-python can come from here: its wheel already in DIR/<key>/, or a
+build here (a C compiler; for CUDA flags also nvcc).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import argparse
 import hashlib
 import json
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,6 +34,31 @@ from pathlib import Path
 # What pip needs to build specshard's source archive on a box without an index.
 BUILD = ["setuptools>=68", "wheel"]
 MTIME = 946684800  # fixed, so the same wheels make the same archive
+CUDA_NVCC = Path("/usr/local/cuda/bin/nvcc")  # where NVIDIA's packages put it
+
+
+def wants_cuda(cmake_args: str) -> bool:
+    return re.search(r"-DGGML_CUDA=(on|1|true|yes)\b", cmake_args, re.IGNORECASE) is not None
+
+
+def nvcc() -> str | None:
+    return shutil.which("nvcc") or (str(CUDA_NVCC) if CUDA_NVCC.exists() else None)
+
+
+def probe(dest: Path, llama_cpp: str, cmake_args: str) -> dict[str, object]:
+    """This machine as the wheels it makes would need it, and whether it can provide
+    llama-cpp-python (the box-specific part) for these flags."""
+    found = {"system": platform.system(), "machine": platform.machine(),
+             "python": "{}.{}".format(*sys.version_info[:2]), "glibc": platform.libc_ver()[1]}
+    if list(dest.glob(f"llama_cpp_python-{llama_cpp}-*.whl")):
+        return {**found, "llama_cpp": True, "why": f"its wheel is in {dest}"}
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        return {**found, "llama_cpp": False, "why": "no C compiler on the controller"}
+    if wants_cuda(cmake_args) and not nvcc():
+        return {**found, "llama_cpp": False,
+                "why": f"CUDA flags and no nvcc on the controller (or put a wheel built on "
+                       f"a box in {dest})"}
+    return {**found, "llama_cpp": True, "why": "built here"}
 
 
 def wheel(dest: Path, reqs: list[str], offline: bool, cmake_args: str
@@ -33,19 +67,28 @@ def wheel(dest: Path, reqs: list[str], offline: bool, cmake_args: str
             "--progress-bar", "off", "--wheel-dir", str(dest), "--find-links", str(dest)]
     if offline:
         argv.append("--no-index")
-    return subprocess.run(argv + reqs, capture_output=True, text=True,
-                          env={**os.environ, "CMAKE_ARGS": cmake_args})
+    env = {**os.environ, "CMAKE_ARGS": cmake_args}
+    compiler = nvcc() if wants_cuda(cmake_args) else None
+    if compiler and "CUDACXX" not in env:
+        env["CUDACXX"] = compiler
+    return subprocess.run(argv + reqs, capture_output=True, text=True, env=env)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", required=True, type=Path)
+    parser.add_argument("--src", type=Path)
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--llama-cpp", required=True)
     parser.add_argument("--cmake-args", default="")
+    parser.add_argument("--probe", action="store_true", help="only say what fits (JSON)")
     args = parser.parse_args()
     key = hashlib.sha256(f"{args.llama_cpp} {args.cmake_args.strip()}".encode()).hexdigest()[:12]
-    dest = args.root / key
+    dest = args.root.expanduser() / key  # the default root is under ~ (the controller's)
+    if args.probe:
+        print(json.dumps(probe(dest, args.llama_cpp, args.cmake_args)))
+        return 0
+    if args.src is None:
+        parser.error("--src is needed (unless --probe)")
     dest.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in dest.glob("*.whl")}
     reqs = [str(args.src), f"llama-cpp-python=={args.llama_cpp}", *BUILD]
