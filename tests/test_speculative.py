@@ -255,15 +255,16 @@ def specshard(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_generate_cli_reports_speculation_stats(demo_target: Path) -> None:
     result = specshard("generate", "--model", str(demo_target), "--workers", "2",
-                       "--draft", "demo", "--gamma", "4", "--json", "--threads", "1",
-                       "--ctx", str(N_CTX), "--max-tokens", "32",
+                       "--draft", "demo", "--gamma", "4", "--spec-depth", "2", "--json",
+                       "--threads", "1", "--ctx", str(N_CTX), "--max-tokens", "32",
                        "--prompt", "Write a Python function that reverses a linked list.")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)["stats"]
     assert stats["tokens_per_step"] > 1
-    assert stats["acceptance_by_position"]
-    # 4 guesses a step, but for the last steps, which the length budget cuts short
-    assert len(stats["acceptance_by_position"]) == 4 and 3 <= stats["gamma_mean"] <= 4
+    assert stats["acceptance_by_position"] and stats["ahead_windows"] > 0
+    # 4 guesses and a link a window (run-ahead), but for the last windows, which the
+    # length budget cuts short
+    assert len(stats["acceptance_by_position"]) == 5 and 3 <= stats["gamma_mean"] <= 5
 
 
 def test_generate_cli_refuses_a_draft_of_another_vocabulary(demo_target: Path,

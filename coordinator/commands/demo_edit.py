@@ -9,6 +9,7 @@ line says whether the draft model proposed anything on this machine, and why.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from coordinator.engine.frontend import Engine
 from coordinator.engine.request import GenerationRequest, Stats
@@ -39,10 +40,11 @@ EDIT_TOKENS = 120
 
 
 def _borrowed(cluster: RunningCluster, drafter: Drafter | None) -> Engine:
-    """Another engine on the cluster's ring and measured costs, for one comparison."""
+    """Another engine on the cluster's ring and measured costs, for one comparison (an
+    n-gram guess costs nothing to draft, where the draft model's were measured)."""
+    costs = replace(cluster.engine.core.policy.costs, draft=0.0)
     return start_engine(cluster.built, cluster.engine.tokenizer, cluster.engine.model_name,
-                        drafter, EngineOptions(gamma=GammaConfig()),
-                        costs=cluster.engine.core.policy.costs)
+                        drafter, EngineOptions(gamma=GammaConfig()), costs=costs)
 
 
 def _edit(engine: Engine) -> Stats:
@@ -83,10 +85,12 @@ def run_edit_demo(cluster: RunningCluster, draft_stats: Stats | None) -> None:
 def draft_line(cluster: RunningCluster, stats: Stats) -> str:
     """Why the draft model did (or did not) propose guesses in the chat answer."""
     costs = cluster.engine.core.policy.costs
-    if sum(stats.proposed):
-        return (f"  the draft model proposed {sum(stats.proposed)} guesses in the chat "
-                f"answer ({sum(stats.accepted)} accepted)")
-    return (f"  the draft model stayed off in the chat answer: on this CPU a draft token "
+    guesses = sum(stats.proposed)
+    if guesses > stats.steps // 4:
+        return (f"  the draft model proposed {guesses} guesses in the chat answer "
+                f"({sum(stats.accepted)} accepted)")
+    probes = f" (but for {guesses} probe guesses)" if guesses else ""
+    return (f"  the draft model stayed off in the chat answer{probes}: on this CPU a draft token "
             f"costs {1000 * costs.draft:.0f} ms and each extra verified row "
             f"{1000 * costs.verify_b:.0f} ms, more than its guesses save (on a GPU a row "
             f"costs almost nothing: `specshard bench spec --profile 2x4070`)")
