@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coordinator.speculation.gamma import SPEC_DEPTH_HELP
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPECSHARD_", extra="ignore")
@@ -44,9 +46,7 @@ class ServeSettings(BaseSettings):
     threads: int = Field(1, description="llama.cpp threads per worker")
     gamma: int | None = Field(None, description="fixed draft length (default: adaptive)")
     gamma_max: int = Field(16, description="adaptive draft length's upper bound")
-    spec_depth: int | None = Field(
-        None, description="verify windows of one sequence in flight (run-ahead "
-        "speculation; 1: synchronous; default: chosen by the measured costs)")
+    spec_depth: int | None = Field(None, description=SPEC_DEPTH_HELP)
     max_batch_tokens: int = Field(512, description="rows per micro-batch while sequences "
                                                    "decode (bounds their inter-token "
                                                    "latency when a prompt arrives)")

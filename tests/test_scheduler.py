@@ -110,6 +110,20 @@ def test_a_stream_alone_runs_ahead_of_its_verdict_from_the_link():
     assert schedule([s], SchedulerConfig(micro_batches=2), lambda *_: 3) == []
 
 
+def test_a_first_window_carries_a_link_only_where_a_window_may_follow_it():
+    alone = seq(0, 10, generated=2)
+    alone.depth = 2
+    assert [p.link for p in schedule([alone], SchedulerConfig(micro_batches=2),
+                                     lambda *_: 3)] == [True]
+    pair = [seq(0, 10, generated=2), seq(1, 10, generated=2)]
+    for s in pair:
+        s.depth = 2
+    full = schedule(pair, SchedulerConfig(micro_batches=2), lambda *_: 3)
+    assert full and not any(p.link for p in full)  # the ring is full: a link is wasted
+    alone.depth = 1
+    assert not schedule([alone], SchedulerConfig(micro_batches=2), lambda *_: 3)[0].link
+
+
 def test_nobody_runs_ahead_when_the_streams_fill_the_ring_or_no_room_is_left():
     pair = [running_ahead(0), running_ahead(1)]
     assert schedule(pair, SchedulerConfig(micro_batches=2), lambda *_: 3) == []

@@ -24,6 +24,7 @@ from cluster.sampling import SamplingParams
 from coordinator.api.app import ServerState, create_app
 from coordinator.api.errors import api_error_of
 from coordinator.api.server import ServerThread
+from coordinator.commands.demo_edit import EDIT_TOKENS, run_edit_demo
 from coordinator.engine.request import GenerationRequest
 from coordinator.service import RunningCluster, start_cluster
 from coordinator.settings import ServeSettings
@@ -268,3 +269,17 @@ def test_a_request_whose_sampling_breaks_fails_alone(served, monkeypatch):
     else:
         assert alone.top2_gaps[at] < NEAR_TIE, (at, alone.top2_gaps[at])
     assert metric(served[0], 'specshard_engine_failures_total{cause="cluster"}') >= 1
+
+
+def test_the_demos_edit_comparison_speculates_and_gives_the_ring_back(served, capsys):
+    """`make run`'s second part: an edit asked plainly and with n-gram drafting and
+    run-ahead on the cluster's own ring, through engines that borrow it; the served API
+    answers on the same ring afterwards."""
+    url, cluster = served
+    runs = run_edit_demo(cluster, None)
+    shown = capsys.readouterr().out
+    plain, spec = runs["plain decoding"], runs["n-gram drafting, run-ahead"]
+    assert plain.tokens_per_step == 1.0 and plain.n_tokens == spec.n_tokens == EDIT_TOKENS
+    assert spec.tokens_per_step > 1.2  # the answer quotes the prompt's code
+    assert "speculation here:" in shown and "tokens per target step" in shown
+    assert chat(url, "Say hi.", 4)  # the cluster's engine has the ring back

@@ -84,6 +84,19 @@ def test_sampled_slices_carry_the_draft_distributions():
     assert back.draft_dists[0].probs.tolist() == [0.25, 0.75]
 
 
+def test_a_link_and_its_distribution_cross_the_wire_and_a_verdict_may_draw_nothing():
+    dists = [SparseDist.point(3), SparseDist(np.array([5, 9]), np.array([0.25, 0.75]))]
+    b = batch(3, n_draft=1, sampling=SamplingParams(temperature=0.8), draft_dists=dists,
+              link=9)
+    back = reassemble(batch_to_wire(Activations(b))).batch.slices
+    assert back[0].link == 9 and back[0].guesses == [102, 9] and back[1].link == -1
+    assert [d.ids.tolist() for d in back[0].draft_dists] == [[3], [5, 9]]
+    whole = SeqResult(seq=1, accepted=[102, 9], next_token=-1, top2_gaps=[1.0, 2.0])
+    reply = result_from_wire(pb.ForwardReply.FromString(
+        result_to_wire(BatchResult(9, [whole]), 1.0).SerializeToString()))
+    assert reply.results[0].tokens == [102, 9]  # the link accepted: no token after it
+
+
 def test_results_round_trip_with_logits():
     logits = np.arange(6, dtype=np.float32).reshape(2, 3)
     result = BatchResult(4, [SeqResult(seq=2, accepted=[11], next_token=12,
@@ -124,6 +137,7 @@ def bad(**changes) -> pb.ForwardMessage:
     ({"dtype": 7}, "dtype"),
     ({"n_chunks": 1000}, "chunks"),
     ({"tokens": [], "judge": True}, "only truncates"),
+    ({"link": 5, "judge": False}, "link guess"),  # no judged row to judge it at
 ])
 def test_malformed_messages_are_refused(changes, words):
     with pytest.raises(InvalidForward, match=words):

@@ -50,12 +50,13 @@ def _borrowed(cluster: RunningCluster, drafter: Drafter | None) -> Engine:
 def _edit(engine: Engine) -> Stats:
     tokens = engine.tokenizer.encode(engine.tokenizer.chat_prompt(
         [{"role": "user", "content": EDIT_PROMPT}]))
-    return engine.generate(GenerationRequest(tokens, EDIT_TOKENS)).stats
+    # The same length both ways (past the end token too): the speeds compare like for like.
+    return engine.generate(GenerationRequest(tokens, EDIT_TOKENS, ignore_eos=True)).stats
 
 
-def run_edit_demo(cluster: RunningCluster, draft_stats: Stats | None) -> None:
+def run_edit_demo(cluster: RunningCluster, draft_stats: Stats | None) -> dict[str, Stats]:
     """Plain decoding against n-gram drafting with run-ahead, on an edit; the ring goes
-    back to the cluster's engine afterwards."""
+    back to the cluster's engine afterwards. Returns each run's stats by label."""
     print("> the same ring, asked for an edit of given code (its answer copies the prompt):",
           flush=True)
     rates: dict[str, Stats] = {}
@@ -80,6 +81,7 @@ def run_edit_demo(cluster: RunningCluster, draft_stats: Stats | None) -> None:
     if draft_stats is not None:
         print(draft_line(cluster, draft_stats))
     sys.stdout.flush()
+    return rates
 
 
 def draft_line(cluster: RunningCluster, stats: Stats) -> str:

@@ -27,7 +27,7 @@ from coordinator.service import (
     open_drafter,
     start_engine,
 )
-from coordinator.speculation.gamma import FREE_DRAFT
+from coordinator.speculation.gamma import FREE_DRAFT, SPEC_DEPTH_HELP
 from coordinator.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def add_draft_arguments(p: argparse.ArgumentParser) -> None:
                         "model, good for edits of given text) or none")
     p.add_argument("--gamma", type=int, help="a fixed draft length (default: adaptive)")
     p.add_argument("--gamma-max", type=int, default=16, help="adaptive γ's upper bound")
-    p.add_argument("--spec-depth", type=int,
-                   help="verify windows in flight (run-ahead; 1: synchronous; default: "
-                        "chosen by the measured costs)")
+    p.add_argument("--spec-depth", type=int, help=SPEC_DEPTH_HELP)
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:

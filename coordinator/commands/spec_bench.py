@@ -40,7 +40,7 @@ from coordinator.speculation.cost_model import (
 )
 from coordinator.speculation.draft import DraftConfig, DraftModel, check_vocab
 from coordinator.speculation.drafting import Drafter
-from coordinator.speculation.gamma import DraftCosts, GammaConfig
+from coordinator.speculation.gamma import SPEC_DEPTH_HELP, DraftCosts, GammaConfig
 from coordinator.speculation.ngram import NgramDrafter
 from coordinator.tokenizer import Tokenizer
 
@@ -314,9 +314,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="store_true", help="each worker on its own core")
     p.add_argument("--threads", type=int, help="threads per stage and for the draft")
     p.add_argument("--ctx", type=int, default=1024)
-    p.add_argument("--spec-depth", type=int,
-                   help="verify windows in flight (run-ahead; 1: synchronous; default: "
-                        "chosen by the measured costs)")
+    p.add_argument("--spec-depth", type=int, help=SPEC_DEPTH_HELP)
 
 
 def config_from_args(args: argparse.Namespace) -> SpecBenchConfig:

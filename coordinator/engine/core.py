@@ -190,7 +190,6 @@ class EngineCore:
         # thread that started it (PR_SET_PDEATHSIG follows the thread, not the process).
         self._rebuild_thread = ThreadPoolExecutor(1, thread_name_prefix="ring-rebuild")
         self._lost_why = ""
-        self._spare = False  # fewer streams decode than micro-batches go round (_build)
         ring.connect(self._sink_for(self.epoch))
         self.metrics.slots_free.set(len(self.free_slots))
         self._set_state(State.RUNNING)
@@ -443,12 +442,7 @@ class EngineCore:
         return self.policy.depth(seq.acceptance, self.config.micro_batches)
 
     def _build(self, plan: list[Planned], out: StepOutput) -> Batch:
-        # Links only where a window can follow before the verdict (as `schedule` decides
-        # run-ahead): with the ring full of other streams a link is a draft token wasted.
-        decoding = sum(s.decoding and not s.done for s in self.running.values())
-        self._spare = decoding < self.config.micro_batches
-        drafts = self._drafts([p for p in plan if p.judge and p.gamma + self._links(p) > 0],
-                              out)
+        drafts = self._drafts([p for p in plan if p.judge and p.gamma + p.link > 0], out)
         slices = []
         for p in plan:
             s = p.seq
@@ -470,7 +464,7 @@ class EngineCore:
         start = s.front if p.ahead else s.n_sent
         tokens = [s.ahead[-1]] if p.ahead else s.tokens[s.n_sent:s.n_sent + p.n_tokens]
         guesses, dists = drafts.get(s.slot, ([], []))
-        link = guesses[p.gamma] if self._links(p) and len(guesses) > p.gamma else -1
+        link = guesses[p.gamma] if p.link and len(guesses) > p.gamma else -1
         guesses, dists = guesses[:p.gamma], dists[:p.gamma + (link >= 0)]
         masks: list[bytes] = []
         if p.judge and s.request.constraint is not None:  # constrained decoding
@@ -480,10 +474,6 @@ class EngineCore:
             s.request.sampling, n_draft=len(guesses), draft_dists=list(dists),
             step_seed=s.step_seed(start) if p.judge else 0, judge=p.judge, masks=masks,
             copy_from=-1 if s.started else s.copy_from, link=link)
-
-    def _links(self, p: Planned) -> bool:
-        """Whether the window ends with a link: its sequence runs ahead."""
-        return p.judge and p.seq.depth > 1 and self._spare
 
     def _drafts(self, plan: list[Planned], step: StepOutput
                 ) -> dict[int, tuple[list[int], list[SparseDist]]]:
@@ -495,7 +485,7 @@ class EngineCore:
         asks = []
         for p in plan:
             s = p.seq
-            n = p.gamma + self._links(p)
+            n = p.gamma + p.link
             at = (len(s.tokens), len(s.ahead))
             if at in s.drafts:
                 kept, dists = s.drafts[at]

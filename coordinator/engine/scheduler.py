@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from coordinator.engine.sequence import Sequence
 
@@ -68,6 +68,7 @@ class Planned:
     n_tokens: int  # pending tokens to send (from seq.n_sent on); 1 when running ahead
     gamma: int  # draft guesses to append (only when every pending token is sent)
     ahead: bool = False  # a run-ahead window: its first row is the last window's link
+    link: bool = False  # the window ends with a link: a window may follow before its verdict
 
     @property
     def judge(self) -> bool:
@@ -98,14 +99,15 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
         if not s.ready:
             gamma = gamma_of(s, budget - 1, 0)
             if budget >= 1 and gamma >= 0:
-                plan.append(Planned(s, 1, gamma, ahead=True))
+                plan.append(Planned(s, 1, gamma, ahead=True, link=True))
                 budget -= 1 + gamma
             continue
         n = min(s.pending, budget)
         if n <= 0:
             break
         gamma = max(gamma_of(s, budget - n, 0), 0) if n == s.pending else 0
-        plan.append(Planned(s, n, gamma))
+        # gamma_of has decided the sequence's depth for the chain this window starts
+        plan.append(Planned(s, n, gamma, link=spare and s.depth > 1 and n == s.pending))
         budget -= n + gamma
     plan = _one_shape(plan, config, gamma_of, budget)
     budget = config.max_batch_tokens - sum(p.rows for p in plan) if decoding else sys.maxsize
@@ -134,7 +136,7 @@ def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
     if len(set(lengths)) < 2 or config.row_cost is None:
         return plan
     longest = max(lengths)
-    raised = [Planned(p.seq, p.n_tokens, gamma_of(p.seq, p.gamma + budget, longest - p.n_tokens))
+    raised = [replace(p, gamma=gamma_of(p.seq, p.gamma + budget, longest - p.n_tokens))
               if p.n_tokens == p.seq.pending and not p.ahead else p for p in plan]
     added = sum(p.rows for p in raised) - sum(lengths)
     if added > budget or config.cost([p.rows for p in raised]) >= config.cost(lengths):

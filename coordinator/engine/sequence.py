@@ -130,9 +130,8 @@ class Sequence(Owned):
             self.flying += 1
             self.ahead += piece.guesses  # a run-ahead window's first row is the last link
             self.linked = piece.link >= 0
-            self.n_sent = piece.end if self.linked else piece.end - piece.n_draft
-        else:
-            self.n_sent = piece.end - piece.n_draft
+        # Past a link the next window starts at the end; else at the first guess.
+        self.n_sent = piece.end if piece.link >= 0 else piece.end - piece.n_draft
 
     def break_chain(self) -> None:
         """The windows in flight assume tokens that were not decided: they are stale."""

@@ -172,7 +172,11 @@ class RingSupervisor:
     def watch(self, every_s: float = 1.0) -> None:
         """Check the workers in the background; a worker found gone loses the ring it
         belongs to (`GrpcRing.lose`), which tells the engine through the ring's own sink
-        — so a loss seen on a ring that a rebuild already replaced is never reported."""
+        — so a loss seen on a ring that a rebuild already replaced is never reported.
+        Once per supervisor: every engine started on the ring shares the one watcher."""
+        if self._watcher is not None:
+            return
+
         def loop() -> None:
             while not self._stop.wait(every_s):
                 try:

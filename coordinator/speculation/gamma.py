@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+SPEC_DEPTH_HELP = ("verify windows of one sequence in flight (run-ahead speculation; 1: "
+                   "synchronous; default: chosen by the measured costs)")
 PRIOR_ALPHA = 0.6  # α_1 before evidence; α_k's prior is the estimate of α_{k−1}
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind each prior
 DECAY = 0.97  # forgetting per observation (effective memory ≈ 1/(1−decay) steps)
