@@ -1,6 +1,7 @@
 """Chat clients arriving as they do: does a pool of two boxes serve them faster than one?
 
     python bench/serve_load.py [--clients 1 4 8 16] [--tokens 128] [--spread 1.0]
+                               [--max-stall X] [--skip llama]
 
 specshard: `serve`'s engine and HTTP API in this process (on core 0), 2 gRPC workers
 pinned to cores 0 and 1 (one box per worker), the demo target, `--parallel` = clients.
@@ -12,7 +13,8 @@ Baselines in the same run, the same prompts and token counts:
   the sequences decoded in batched steps), on both cores or on core 0;
 - `engine_at_once`: specshard's engine fed every prompt in the same instant.
 Reported: aggregate tok/s (completion tokens over first send → last token), decode rows
-per micro-batch (from /metrics), time to first token and inter-token latency p50/p99.
+per micro-batch and the passes over a stage's weights they took (from /metrics), time
+to first token and inter-token latency p50/p99.
 Targets at 8 clients: ≥ 1.0× one process on one core, ≥ 0.8× on both, ≥ 0.9× the engine
 fed at once. Prints JSON (also bench/results/serve_load.json).
 """
@@ -85,8 +87,10 @@ def clients(url: str, asks: list[str], n_tokens: int, spread: float) -> dict[str
                 stamps[i].append(time.perf_counter())
 
     rows0 = histogram_mean(url, "specshard_batch_decode_rows")
+    passes0 = histogram_mean(url, "specshard_batch_decode_passes")
     spread_clients(url, n, spread, one)
     rows1 = histogram_mean(url, "specshard_batch_decode_rows")
+    passes1 = histogram_mean(url, "specshard_batch_decode_passes")
     end = max(s[-1] for s in stamps)
     ttft = [s[0] - t for s, t in zip(stamps, sent, strict=True)]
     gaps = [1000 * (b - a) for s in stamps for a, b in zip(s, s[1:], strict=False)]
@@ -94,6 +98,10 @@ def clients(url: str, asks: list[str], n_tokens: int, spread: float) -> dict[str
     return {"tok_s": round(n * n_tokens / (end - min(sent)), 3),
             "decode_rows_per_batch": round((rows1[0] - rows0[0]) / batches, 3)
             if batches else 0.0,
+            # passes over a stage's weights for those rows (runs of consecutive slots)
+            "decode_passes_per_batch": round((passes1[0] - passes0[0])
+                                             / (passes1[1] - passes0[1]), 3)
+            if passes1[1] > passes0[1] else 0.0,
             "ttft_s_p50": round(percentile(ttft, 0.5), 3),
             "ttft_s_p99": round(percentile(ttft, 0.99), 3),
             "itl_ms_p50": round(percentile(gaps, 0.5), 1),
@@ -118,6 +126,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--spread", type=float, default=1.0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["llama"])
+    parser.add_argument("--max-stall", type=float, default=EngineOptions.max_stall,
+                        help="serve's --max-stall (default: serve's)")
     args = parser.parse_args()
     model = models.fetch(models.DEMO_TARGET, progress=False)
     tokenizer = Tokenizer(model)
@@ -139,7 +149,8 @@ def main() -> None:
     os.sched_setaffinity(0, {0})  # the coordinator shares core 0 with worker 0
     try:
         built = build_ring(model, workers=workers, ctx=1024, parallel=most, threads=1)
-        engine = start_engine(built, tokenizer, "demo", options=EngineOptions())
+        engine = start_engine(built, tokenizer, "demo",
+                              options=EngineOptions(max_stall=args.max_stall))
         try:
             with ServerThread(create_app(ServerState(engine=engine))) as server:
                 for n in args.clients:
@@ -159,7 +170,8 @@ def main() -> None:
                      if k != "specshard" and isinstance(v, float) and v > 0}
     eight = ratios.get("8", {})
     report("serve_load", {"clients": args.clients, "tokens": args.tokens,
-                          "spread_s": args.spread, "runs": runs, "ratios": ratios,
+                          "spread_s": args.spread, "max_stall": args.max_stall,
+                          "runs": runs, "ratios": ratios,
                           "targets_at_8": TARGETS,
                           "met_at_8": {k: eight[k] >= t for k, t in TARGETS.items()
                                        if k in eight}})

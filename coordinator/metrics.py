@@ -53,6 +53,10 @@ class Metrics:
                                            "Rows of decoding sequences per micro-batch "
                                            "(their tokens and draft guesses)",
                                            buckets=_ROWS, registry=r)
+        self.batch_decode_passes = Histogram(
+            "specshard_batch_decode_passes", "Passes over a stage's weights the decode rows "
+            "of a micro-batch take: one per row count and run of consecutive slots "
+            "(docs/scheduler.md, Lanes)", buckets=(1, 2, 3, 4, 6, 8, 16), registry=r)
         self.queue_depth = Gauge("specshard_queue_depth", "Requests waiting for a sequence",
                                  registry=r)
         self.running = Gauge("specshard_sequences_running", "Sequences being decoded",

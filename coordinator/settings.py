@@ -53,7 +53,8 @@ class ServeSettings(BaseSettings):
     prefill_chunk: int = Field(256, description="prompt tokens per chunk")
     max_stall: float = Field(2.0, description="a batch with prompt rows lasts at most this "
                                               "many decode-only batches (by the ring's "
-                                              "costs, measured at start)")
+                                              "costs, measured at start); twice that "
+                                              "for a prompt that finishes in it")
     micro_batches: int | None = Field(None, description="micro-batches in flight (default: "
                                                         "the number of stages)")
     name: str = Field("", description="model name in the API (default: the file's stem)")

@@ -205,7 +205,9 @@ def histogram(engine: Engine, name: str) -> tuple[float, float]:
 def test_staggered_requests_decode_together(tiny_chat_model: Path) -> None:
     """Eight requests arriving one after another (as HTTP clients send them) all decode
     together: over the phase where all eight decode, a micro-batch carries ≥ 0.9 × 8 ÷ 2
-    decode rows (2 micro-batches in flight over 2 workers)."""
+    decode rows (2 micro-batches in flight over 2 workers), of consecutive slots — one
+    pass over a stage's weights, where streams that began in turn used to alternate
+    between the micro-batches (slots 0, 2, 4, 6: four passes)."""
     from coordinator.placement.local import LocalWorkers
 
     tokenizer = Tokenizer(tiny_chat_model)
@@ -229,13 +231,17 @@ def test_staggered_requests_decode_together(tiny_chat_model: Path) -> None:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             start = histogram(engine, "specshard_batch_decode_rows")
+            passes0 = histogram(engine, "specshard_batch_decode_passes")
             while min(counts) < 150:
                 assert time.monotonic() < deadline
                 time.sleep(0.005)
             end = histogram(engine, "specshard_batch_decode_rows")
+            passes1 = histogram(engine, "specshard_batch_decode_passes")
             assert max(counts) < 400  # all eight were decoding throughout
             rows = (end[0] - start[0]) / (end[1] - start[1])
             assert rows >= 0.9 * 8 / 2, rows
+            passes = (passes1[0] - passes0[0]) / (passes1[1] - passes0[1])
+            assert passes <= 1.1, passes
         finally:
             engine.drain(0)
             engine.close()

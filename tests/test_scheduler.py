@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.llama.context import decode_passes
 from coordinator.engine.request import GenerationRequest
 from coordinator.engine.scheduler import Planned, SchedulerConfig, schedule
 from coordinator.engine.sequence import Sequence
@@ -48,8 +49,30 @@ def test_decoding_sequences_split_over_the_micro_batches_by_slot():
     assert shapes(plan) == [(i, 1, 0) for i in range(4)]
     for s in running[:1] + running[2:4] + running[5:6]:  # slots 5, 3, 1, 2 … in flight
         s.flying = 1
-    assert [p.seq.slot for p in schedule(running, SchedulerConfig(micro_batches=2),
-                                         no_draft)] == [0, 4, 6, 7]
+    # One lane at a time, the one with the most ready: slots 4, 6, 7 (slot 0 waits for
+    # 1, 2, 3); a batch of 0, 4, 6, 7 would be three passes over the weights.
+    config = SchedulerConfig(micro_batches=2)
+    assert [p.seq.slot for p in schedule(running, config, no_draft)] == [4, 6, 7]
+    for s in running:  # 4, 6, 7 in flight, the rest back: lane 0 goes whole
+        s.flying = int(s.slot in (4, 6, 7))
+    assert [p.seq.slot for p in schedule(running, config, no_draft)] == [0, 1, 2, 3]
+
+
+def test_sequences_that_began_decoding_in_turn_come_together_by_slot():
+    """Streams starting one after another alternate between the micro-batches (0, 2, 4,
+    6 and 1, 3, 5, 7): the lanes bring consecutive slots together within a round."""
+    running = [seq(i, 10, generated=1) for i in range(8)]
+    config = SchedulerConfig(micro_batches=2)
+    for s in running:
+        s.flying = s.slot % 2  # the odd ones in flight, the even ones back
+    first = [p.seq.slot for p in schedule(running, config, no_draft)]
+    assert first == [0, 2]  # lane 0's ready ones; 4 and 6 wait for 5 and 7
+    for s in running:
+        s.flying = int(s.slot in first)
+    assert [p.seq.slot for p in schedule(running, config, no_draft)] == [4, 5, 6, 7]
+    for s in running:
+        s.flying = int(s.slot >= 4)
+    assert [p.seq.slot for p in schedule(running, config, no_draft)] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("cost, stall, most", [(CPU, 2.0, 2), (GPU, 2.0, 2), (GPU, 3.0, 89),
@@ -137,15 +160,33 @@ def test_nobody_runs_ahead_when_the_streams_fill_the_ring_or_no_room_is_left():
 
 def test_prompts_arriving_beside_few_streams_fill_the_batch_they_will_make():
     """The stall bound is the batch the stream will make with the short prompts arriving
-    beside it (8 over 2 micro-batches: 4 decode rows): they get the rest, where a bound
-    by the stream's own 1-row batch left them one row; a long prompt beside the stream
-    (many chunks from its first token) still gets one."""
+    beside it (8 over 2 micro-batches: 4 decode rows), and prompts that finish in the
+    batch may stretch it to FINISHING × max_stall: they get 2a + 15b of rows, where a
+    bound by the stream's own 1-row batch left them one row; a long prompt beside the
+    stream (many chunks from its first token) still gets one."""
     stream = seq(0, 10, generated=3)
     prompts = [seq(i, 100, arrived=float(i)) for i in range(1, 8)]
     config = SchedulerConfig(micro_batches=2, row_cost=CPU)
     plan = schedule([stream, *prompts], config, no_draft)
     assert shapes(plan)[0] == (0, 1, 0)
-    assert sum(p.rows for p in plan[1:]) == 7  # 2 × (a + 4b) − (a + b) − a = 7b here
-    assert config.cost([p.rows for p in plan]) <= 2 * config.cost([1] * 4) + 1e-9
+    a, b = CPU
+    # 4 × (a + 4b) − (a + b) − a = 2a + 15b
+    assert sum(p.rows for p in plan[1:]) == int((2 * a + 15 * b) / b + 1e-9) == 18
+    assert config.cost([p.rows for p in plan]) <= 4 * config.cost([1] * 4) + 1e-9
+    assert config.cost([p.rows for p in plan]) > 2 * config.cost([1] * 4)
     lone = schedule([stream, seq(1, 2048)], config, no_draft)
     assert shapes(lone) == [(0, 1, 0), (1, 1, 0)]
+    # its last chunk finishes in the batch: 4 × (a + b) − (a + b) − a = 2a + 3b, not b
+    last = seq(1, 2048)
+    last.n_sent = last.n_computed = 2048 - 200
+    assert shapes(schedule([stream, last], config, no_draft)) == [(0, 1, 0), (1, 6, 0)]
+
+
+def test_decode_passes_count_runs_of_consecutive_slots_per_row_count():
+    """llama.cpp's ubatches for one KV stream per slot: a run of consecutive slots with
+    one row count is one pass over the weights (bench/slot_runs.py measures them)."""
+    assert decode_passes([1] * 4, [0, 1, 2, 3], 512) == 1
+    assert decode_passes([1] * 4, [0, 2, 4, 6], 512) == 4
+    assert decode_passes([1] * 4, [5, 4, 0, 1], 512) == 2  # 0-1 and 4-5
+    assert decode_passes([1, 1, 5], [0, 1, 2], 512) == 2  # slot 2's window: a call of its own
+    assert decode_passes([5, 5], [3, 4], 8) == 2  # n_batch 8: 5 + 5 rows are two calls

@@ -133,3 +133,15 @@ def decode_calls(lengths: list[int], seqs: list[int], n_batch: int
             per_call = max(n_batch // length, 1)
             calls += [group[k:k + per_call] for k in range(0, len(group), per_call)]
     return calls
+
+
+def decode_passes(lengths: list[int], seqs: list[int], n_batch: int) -> int:
+    """How many ubatches — passes over the weights — llama.cpp makes of `decode_calls`'
+    calls: one per run of consecutive sequence ids in a call (`split_equal(…,
+    sequential)` with one KV stream per sequence). Slots 0, 1, 2, 3 are one pass; 0, 2,
+    4, 6 are four (bench/slot_runs.py)."""
+    total = 0
+    for call in decode_calls(lengths, seqs, n_batch):
+        ids = [seqs[i] for i, _, _ in call]
+        total += 1 + sum(b != a + 1 for a, b in zip(ids, ids[1:], strict=False))
+    return total

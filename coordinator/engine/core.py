@@ -29,6 +29,7 @@ from typing import Any
 
 from cluster import trace
 from cluster.errors import ClusterError, ClusterUnavailable, SpecshardError
+from cluster.llama.context import decode_passes
 from cluster.messages import Batch, SeqResult, Slice
 from cluster.sampling import SamplingParams, SparseDist
 from coordinator.constrain.hooks import decided_under, slice_guesses
@@ -348,9 +349,11 @@ class EngineCore:
     def _slot_for(self, seq: Sequence) -> tuple[int, int]:
         """The free slot for `seq`, and how many of its prompt's tokens that slot's caches
         already hold (llama-server's slot choice by similarity): the longest cached
-        prefix if it covers at least half of what the slot holds; otherwise an empty slot,
-        or else the least recently used one — a warm slot is never evicted while an
-        empty one is free. At least the prompt's last token is computed (its logits)."""
+        prefix if it covers at least half of what the slot holds; otherwise the lowest
+        empty slot (decoding sequences in consecutive slots share a pass over a stage's
+        weights: docs/scheduler.md, Lanes), or else the least recently used one — a warm
+        slot is never evicted while an empty one is free. At least the prompt's last
+        token is computed (its logits)."""
         prompt = seq.tokens
         use = self.cache_prompt and seq.request.cache_prompt
 
@@ -360,8 +363,9 @@ class EngineCore:
         best = max(self.free_slots, key=lambda slot: (shared(slot), -self._used.get(slot, 0)))
         held = len(self.cached.get(best, []))
         if not held or 2 * shared(best) < held:
-            best = min(self.free_slots, key=lambda slot: (slot in self.cached,
-                                                         self._used.get(slot, 0), slot))
+            best = min(self.free_slots, key=lambda slot: (
+                slot in self.cached, self._used.get(slot, 0) if slot in self.cached else 0,
+                slot))
         return best, min(shared(best), len(prompt) - 1)
 
     def _share_for(self, seq: Sequence, slot: int, reused: int) -> Share | None:
@@ -543,8 +547,12 @@ class EngineCore:
         self.in_flight[batch.batch_id] = InFlight(batch, members, time.perf_counter(), replay)
         self.metrics.batch_rows.observe(batch.n_rows)
         if not replay:
-            self.metrics.batch_decode_rows.observe(sum(len(piece.tokens) for seq, piece, _
-                                                       in members if seq.decoding))
+            decode = [piece for seq, piece, _ in members if seq.decoding]
+            self.metrics.batch_decode_rows.observe(sum(len(p.tokens) for p in decode))
+            if decode:
+                self.metrics.batch_decode_passes.observe(decode_passes(
+                    [len(p.tokens) for p in decode], [p.seq for p in decode],
+                    self.config.max_batch_tokens))
         try:
             self.ring.submit(batch)
         except WorkerLost as exc:  # handled like the ring's own report of the loss

@@ -4,7 +4,9 @@ Decode rows first: each decoding sequence's pending token(s) plus its draft gues
 then chunks of prompts, under a token budget. The rules, and why:
 - At most ⌈decoding ÷ micro_batches⌉ decoding sequences per batch: with N stages, N
   batches must be in flight for every stage to be busy, and a sequence can be in only
-  one of them (its next token needs its last verdict).
+  one of them (its next token needs its last verdict). Those sequences are one lane:
+  slots next to each other, as llama.cpp computes consecutive slots' rows in one pass
+  over the weights and any other set in one pass per run of them (`_lane`).
 - While any sequence is decoding, a long prompt arrives in chunks that ride along with
   the decode rows instead of stalling them (chunked prefill, as llama-server and vLLM
   do): a batch holds at most `max_batch_tokens` rows, and no more than makes it last
@@ -14,6 +16,8 @@ then chunks of prompts, under a token budget. The rules, and why:
   (t(rows) = a + b·rows). A time budget per batch, as Sarathi-Serve's token budget from
   an inter-token-latency target: one long prompt cannot stretch the streams' steps,
   while short prompts arriving beside a few streams are not prefilled a row at a time.
+  A prompt that finishes in the batch may stretch it to twice that (`FINISHING`): its
+  stall is paid once, and it decodes beside the streams from the next step on.
   On a GPU a few hundred rows cost little more than one; on a CPU every row costs.
   With nobody decoding, a prompt goes in `prefill_chunk` pieces, several in flight back
   to back, so stage 0 computes chunk c+1 while stage 1 computes chunk c.
@@ -33,6 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from coordinator.engine.sequence import Sequence
+
+# Rows of prompts that finish in the batch may stretch it to FINISHING × max_stall: that
+# stall is paid once per prompt, which then decodes beside the streams (every later step
+# fuller), where a long prompt's earlier chunks would stall every batch while it arrives.
+# 8 chat clients arriving over a second: 18.4 tok/s at max_stall 2 without it, 22.1 at 4
+# (bench/serve_load.py --max-stall; docs/scheduler.md).
+FINISHING = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,8 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
     budget = config.max_batch_tokens if decoding else sys.maxsize
     spare = len(decoding) < config.micro_batches  # stages idle between their windows
     plan: list[Planned] = []
-    for s in sorted((s for s in decoding if s.ready or (spare and s.can_run_ahead)),
-                    key=lambda s: s.slot)[:cap]:
+    for s in _lane([s for s in decoding if s.ready or (spare and s.can_run_ahead)],
+                   decoding, cap):
         if not s.ready:
             gamma = gamma_of(s, budget - 1, 0)
             if budget >= 1 and gamma >= 0:
@@ -111,20 +122,44 @@ def schedule(running: list[Sequence], config: SchedulerConfig,
         budget -= n + gamma
     plan = _one_shape(plan, config, gamma_of, budget)
     budget = config.max_batch_tokens - sum(p.rows for p in plan) if decoding else sys.maxsize
+    far = near = budget  # rows for prompts still chunks away / finishing in this batch
     if decoding and config.row_cost is not None:
         # Prompts one chunk from their first token decode beside the streams soon.
         soon = sum(not s.decoding and not s.done and s.pending <= config.prefill_chunk
                    for s in running)
-        load = math.ceil((len(decoding) + soon) / config.micro_batches)
-        budget = min(budget, _prompt_rows(plan, config, max(cap, load)))
+        load = max(cap, math.ceil((len(decoding) + soon) / config.micro_batches))
+        far = min(budget, _prompt_rows(plan, config, load, config.max_stall))
+        near = min(budget, _prompt_rows(plan, config, load, FINISHING * config.max_stall))
+    used = 0
     for s in sorted((s for s in running if not s.decoding and s.ready),
                     key=lambda s: s.arrived):
-        n = min(s.pending, config.prefill_chunk, budget)
+        room = near if s.pending <= config.prefill_chunk else far
+        n = min(s.pending, config.prefill_chunk, room - used)
         if n <= 0:
             break
         plan.append(Planned(s, n, 0))
-        budget -= n
+        used += n
     return plan
+
+
+def _lane(candidates: list[Sequence], decoding: list[Sequence], cap: int
+          ) -> list[Sequence]:
+    """The decoding sequences this batch takes: the ready ones of one lane, the lane with
+    the most of them (the lowest on a tie). Lanes are the decoding sequences by slot, cut
+    in runs of `cap`. A stage's KV has one stream per slot, and llama.cpp puts only
+    consecutive slots in one ubatch: a batch of slots 0, 2, 4, 6 is four passes over the
+    stage's weights where 0, 1, 2, 3 is one (bench/slot_runs.py). Sequences that begin
+    decoding one after another would otherwise alternate between the micro-batches and
+    stay so; a batch of one lane keeps them together, and a lane split by a change in
+    who decodes comes back together within a round."""
+    if not candidates:
+        return []
+    order = sorted(decoding, key=lambda s: s.slot)
+    lane = {id(s): i // cap for i, s in enumerate(order)}
+    ready: dict[int, list[Sequence]] = {}
+    for s in sorted(candidates, key=lambda s: s.slot):
+        ready.setdefault(lane[id(s)], []).append(s)
+    return max(ready.items(), key=lambda item: (len(item[1]), -item[0]))[1]
 
 
 def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
@@ -144,12 +179,13 @@ def _one_shape(plan: list[Planned], config: SchedulerConfig, gamma_of: GammaOf,
     return raised
 
 
-def _prompt_rows(plan: list[Planned], config: SchedulerConfig, load: int) -> int:
+def _prompt_rows(plan: list[Planned], config: SchedulerConfig, load: int,
+                 stall: float) -> int:
     """Prompt rows the batch may add while sequences decode: its time stays within
-    max_stall of a decode-only batch of `load` rows (or of this batch's own decode rows,
+    `stall` times a decode-only batch of `load` rows (or of this batch's own decode rows,
     when that costs more). At least one row: a prompt is never starved."""
     a, b = config.row_cost or (0.0, 0.0)
     lengths = [p.rows for p in plan]
     reference = max(config.cost(lengths) if lengths else 0.0, config.cost([1] * load))
-    room = config.max_stall * reference - config.cost(lengths) - a  # a call of its own
+    room = stall * reference - config.cost(lengths) - a  # a call of its own
     return max(int(room / b + 1e-9) if b > 0 else config.max_batch_tokens, 1)
