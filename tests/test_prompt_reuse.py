@@ -96,6 +96,22 @@ def test_a_warm_slot_is_not_evicted_while_an_empty_one_is_free(tiny_chat_model: 
         built.close()
 
 
+def test_a_request_takes_the_lowest_empty_slot(tiny_chat_model: Path) -> None:
+    """Without prompt caching every finished slot is empty again: the next request takes
+    the lowest one (decoding sequences in consecutive slots share a pass over a stage's
+    weights), not the least recently used."""
+    built = build_ring(tiny_chat_model, stages=1, ctx=1024, parallel=3, threads=1)
+    engine = start_engine(built, Tokenizer(tiny_chat_model), "tiny", costs=FREE_DRAFT,
+                          options=EngineOptions(cache_prompt=False))
+    try:
+        for question in ("Tell me about sets.", "And lists?", "And dicts?"):
+            generate(engine, chat(engine, [question], []))
+        assert list(engine.core._used) == [0] and not engine.core.cached
+    finally:
+        engine.close()
+        built.close()
+
+
 def test_reused_prefix_gives_the_cold_answer_but_at_near_ties(demo_target: Path) -> None:
     """The same cache state gives the same answer; a reused prefix (computed in other
     batches) may move a greedy token only at a near tie of the cold run."""
