@@ -108,8 +108,11 @@ def clients(url: str, asks: list[str], n_tokens: int, spread: float) -> dict[str
             "itl_ms_p99": round(percentile(gaps, 0.99), 1)}
 
 
-def at_once(engine: Engine, prompts: list[list[int]], n_tokens: int) -> float:
-    """The engine fed every prompt in the same instant: aggregate tok/s end to end."""
+def at_once(engine: Engine, url: str, prompts: list[list[int]], n_tokens: int
+            ) -> tuple[float, float]:
+    """The engine fed every prompt in the same instant: aggregate tok/s end to end, and
+    the passes over a stage's weights a batch's decode rows took."""
+    passes0 = histogram_mean(url, "specshard_batch_decode_passes")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=engine.generate, args=(GenerationRequest(
         p, n_tokens, ignore_eos=True, cache_prompt=False),)) for p in prompts]
@@ -117,7 +120,9 @@ def at_once(engine: Engine, prompts: list[list[int]], n_tokens: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return round(len(prompts) * n_tokens / (time.perf_counter() - t0), 3)
+    tok_s = round(len(prompts) * n_tokens / (time.perf_counter() - t0), 3)
+    passes1 = histogram_mean(url, "specshard_batch_decode_passes")
+    return tok_s, round((passes1[0] - passes0[0]) / max(passes1[1] - passes0[1], 1), 3)
 
 
 def main() -> None:
@@ -156,8 +161,8 @@ def main() -> None:
                 for n in args.clients:
                     runs[str(n)]["specshard"] = clients(server.url, asks[:n], args.tokens,
                                                         args.spread)
-                    runs[str(n)]["engine_at_once"] = at_once(engine, prompts[:n],
-                                                             args.tokens)
+                    runs[str(n)]["engine_at_once"], runs[str(n)]["at_once_passes"] = \
+                        at_once(engine, server.url, prompts[:n], args.tokens)
         finally:
             engine.close()
             built.close()
@@ -167,7 +172,8 @@ def main() -> None:
     for n, run in runs.items():
         ours = run["specshard"]["tok_s"]
         ratios[n] = {f"vs_{k}": round(ours / v, 3) for k, v in run.items()
-                     if k != "specshard" and isinstance(v, float) and v > 0}
+                     if k not in ("specshard", "at_once_passes") and isinstance(v, float)
+                     and v > 0}
     eight = ratios.get("8", {})
     report("serve_load", {"clients": args.clients, "tokens": args.tokens,
                           "spread_s": args.spread, "max_stall": args.max_stall,

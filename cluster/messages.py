@@ -22,7 +22,8 @@ class Slice:
     `tokens` are the sequence's tokens not yet in the KV caches (the last one decided,
     or a chunk of the prompt) followed by `n_draft` draft guesses. Each stage first drops
     whatever it holds of `seq` from `start` on, which is how the previous step's rejected
-    guesses leave every KV cache; a slice without tokens does only that.
+    guesses leave every KV cache; a slice without tokens does only that (with
+    `copy_from`, it moves an idle cache into `seq`).
     """
 
     seq: int
@@ -38,7 +39,8 @@ class Slice:
     # tokens the grammar allows there; empty: no constraint.
     masks: list[bytes] = field(default_factory=list)
     # Every stage first makes `seq` hold what sequence `copy_from` holds at positions
-    # 0 .. start − 1 (a shared prompt prefix: llama.cpp's memory seq_cp); -1: no copy.
+    # 0 .. start − 1 (a shared prompt prefix: llama.cpp's memory seq_cp); copies run first,
+    # in slice order; -1: no copy.
     copy_from: int = -1
     # Run-ahead speculation: a draft guess for the position after the last row, judged at
     # that row instead of drawing a bonus token (the next window, already sent, starts

@@ -129,9 +129,8 @@ def slice_from_wire(msg: pb.Slice) -> Slice:
     sampling = sampling_from_wire(msg.sampling)
     if msg.judge and not sampling.greedy and len(dists) != n_guesses:
         raise InvalidForward("sampled verification needs the draft's distributions")
-    if msg.HasField("copy_from") and (msg.copy_from == msg.seq or not n):
-        raise InvalidForward(f"sequence {msg.seq} cannot copy from sequence "
-                             f"{msg.copy_from}" + ("" if n else " without tokens"))
+    if msg.HasField("copy_from") and msg.copy_from == msg.seq:  # without tokens: a move
+        raise InvalidForward(f"sequence {msg.seq} cannot copy from itself")
     masks = list(msg.masks)
     if masks and (not msg.judge or len(masks) != msg.n_draft + 1):
         raise InvalidForward(f"{len(masks)} token masks for a slice judging "

@@ -79,6 +79,10 @@ class Metrics:
                                             "Prompt tokens copied from another slot on "
                                             "every stage (a shared prefix; also counted "
                                             "as reused)", registry=r)
+        self.cache_moves = Counter("specshard_cache_moves",
+                                   "Idle slots' caches moved to another slot on every "
+                                   "stage, to keep decoding sequences in consecutive "
+                                   "slots", registry=r)
         self.restarts = Counter("specshard_worker_restarts",
                                 "Ring rebuilds after a lost worker", registry=r)
         self.requests = Counter("specshard_requests", "Requests by outcome", ["outcome"],

@@ -112,6 +112,67 @@ def test_a_request_takes_the_lowest_empty_slot(tiny_chat_model: Path) -> None:
         built.close()
 
 
+def same_but_at_near_ties(got: Generation, cold: Generation) -> None:
+    at = next((k for k, (x, y) in enumerate(zip(got.tokens, cold.tokens, strict=True))
+               if x != y), None)
+    if at is not None:
+        assert cold.top2_gaps[at] < NEAR_TIE, (at, cold.top2_gaps[at])
+
+
+def test_a_returning_conversation_decodes_next_to_the_running_one(tiny_chat_model: Path
+                                                                   ) -> None:
+    """Slots 0-2 hold idle conversations A, B, D; C decodes in slot 3. A's next turn
+    reuses A's cache but decodes in slot 2, next to C (one pass over a stage's weights
+    for both, not two): D's cache moves to slot 1 (B's, the least recently used) and A's
+    prefix is copied from slot 0, in one batch, on both stages. Every answer is the
+    cold one but at near ties, and D's next turn still finds its cache. Over gRPC: the
+    move is a slice without tokens that copies."""
+    from coordinator.placement.local import LocalWorkers
+
+    tokenizer = Tokenizer(tiny_chat_model)
+    workers = LocalWorkers(2).start()
+    try:
+        built = build_ring(tiny_chat_model, workers=workers, ctx=1024, parallel=4,
+                           threads=1, split=split_at(4, [2]))
+    except BaseException:
+        workers.stop()
+        raise
+    engine = start_engine(built, tokenizer, "tiny", costs=FREE_DRAFT)
+    core = engine.core
+    try:
+        a, b, d, c = (tokenizer.encode(text * 12) for text in (
+            "Tell me about sets. ", "Lists are ordered? ", "Dicts map keys. ",
+            "A long story: "))
+        first = {name: generate(engine, p) for name, p in (("a", a), ("b", b), ("d", d))}
+        assert sorted(core.cached) == [0, 1, 2]
+        events: list[object] = []
+        long_run = engine.submit(GenerationRequest(c, 600, ignore_eos=True), events.append)
+        deadline = time.monotonic() + 120
+        while not events:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert core.running.get(3) is long_run
+        moves = counter(engine, "specshard_cache_moves_total")
+        a2 = a + first["a"].tokens + tokenizer.encode(" And frozensets?")
+        held_a = len(a) + 12 - 1  # the last answer token was never computed
+        turn = generate(engine, a2)
+        assert not long_run.done  # A's turn decoded beside C throughout
+        assert turn.stats.n_cached_tokens == held_a
+        assert counter(engine, "specshard_cache_moves_total") - moves == 1
+        assert core.cached[2][:len(a2)] == a2  # A's turn ran in slot 2
+        assert core.cached[1] == d + first["d"].tokens[:11]  # D moved into B's slot
+        assert not any(common_prefix(held, b) >= len(b) for held in core.cached.values())
+        engine.cancel(long_run)
+        again = generate(engine, d)
+        assert again.stats.n_cached_tokens == len(d) - 1
+        same_but_at_near_ties(again, first["d"])
+        same_but_at_near_ties(turn, generate(engine, a2, cache=False))
+    finally:
+        engine.close()
+        built.close()
+        workers.stop()
+
+
 def test_reused_prefix_gives_the_cold_answer_but_at_near_ties(demo_target: Path) -> None:
     """The same cache state gives the same answer; a reused prefix (computed in other
     batches) may move a greedy token only at a near tie of the cold run."""

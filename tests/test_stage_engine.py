@@ -163,3 +163,24 @@ def test_a_batch_of_several_calls_is_copied_even_when_borrowed(tiny_model: Path)
     piece = every_row(0, 0, PROMPT[:6])  # two calls of 4 and 2 rows
     out = second.forward([piece], first.forward([piece]), borrow=True)
     assert isinstance(out, list) and out[0].shape == (6, 96) and out[0].flags.owndata
+
+
+def test_a_move_and_a_copy_into_the_moved_slot_run_in_slice_order(tiny_model: Path):
+    """The engine moves an idle cache out of a slot and copies a prefix into that slot in
+    one batch (docs/scheduler.md, "Placement"): copies run first, in slice order, and
+    validation counts a copy's source as what the copies before it left there."""
+    stages = [load(tiny_model, 0, 2, n_seq_max=3), load(tiny_model, 2, 4, n_seq_max=3)]
+    other = [11, 12, 13, 14, 15, 16]
+    run(stages, [Slice(0, 0, PROMPT), Slice(1, 0, other)])
+    # Slot 1's cache moves to slot 2; slot 1 then takes slot 2's first 4 positions (what
+    # slot 1 held) and continues; slot 0 continues as it was.
+    got = run(stages, [Slice(2, len(other), [], copy_from=1),
+                       Slice(1, 4, [77, 78], copy_from=2, n_draft=1),
+                       every_row(0, len(PROMPT), [7])])
+    fresh = [load(tiny_model, 0, 2, n_seq_max=1), load(tiny_model, 2, 4, n_seq_max=1)]
+    want = run(fresh, [every_row(0, 0, [*other[:4], 77, 78])])[0]
+    assert np.abs(got[1] - want[4:]).max() < 1e-4
+    assert [s.length(2) for s in stages] == [len(other)] * 2
+    after = run(stages, [every_row(2, len(other), [5])])[0]
+    alone = run(fresh, [every_row(0, 4, [other[4], other[5], 5])])[0]
+    assert np.abs(after - alone[-1:]).max() < 1e-4

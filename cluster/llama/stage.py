@@ -147,6 +147,7 @@ class Stage:
     def validate(self, slices: list[Slice], n_floats: int | None) -> None:
         """Raise InvalidForward unless the whole batch fits; checked before any change."""
         seen: set[int] = set()
+        copied: dict[int, int] = {}  # lengths after the copies, made first in slice order
         for s in slices:
             self._check_seq(s.seq)
             if s.seq in seen:
@@ -154,11 +155,14 @@ class Stage:
             seen.add(s.seq)
             if s.copy_from >= 0:
                 self._check_seq(s.copy_from)
-                if s.copy_from == s.seq or s.start > self._lengths[s.copy_from]:
+                held = copied.get(s.copy_from, self._lengths[s.copy_from])
+                if s.copy_from == s.seq or s.start > held:
                     raise InvalidForward(
                         f"sequence {s.seq} cannot copy {s.start} positions from sequence "
-                        f"{s.copy_from}, which holds {self._lengths[s.copy_from]}")
-            elif not 0 <= s.start <= self._lengths[s.seq]:
+                        f"{s.copy_from}, which holds {held}")
+                copied[s.seq] = s.start
+        for s in slices:
+            if s.copy_from < 0 and not 0 <= s.start <= self._lengths[s.seq]:
                 raise InvalidForward(
                     f"positions must continue sequence {s.seq} at or before "
                     f"{self._lengths[s.seq]}, got {s.start}")

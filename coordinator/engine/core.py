@@ -171,6 +171,9 @@ class EngineCore:
         self.running: dict[int, Sequence] = {}  # by slot
         self.in_flight: dict[int, InFlight] = {}  # by batch id
         self.frees: set[int] = set()  # slots to clear on every stage with the next batch
+        # Idle caches to move, (from, to, positions), first thing in the next batch: a new
+        # request takes a slot next to the decoding ones (`_place`).
+        self.moves: list[tuple[int, int, int]] = []
         # Free slots whose caches (every stage's, and the draft's) still hold a finished
         # sequence's tokens: a new request that starts with them computes only the rest.
         self.cached: dict[int, list[int]] = {}
@@ -303,11 +306,11 @@ class EngineCore:
     # --- schedule and submit -----------------------------------------------------------
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots:
+        while self.waiting and self._open():
             seq = self.waiting.popleft()
             if seq.done:
                 continue
-            slot, reused = self._slot_for(seq)
+            slot, reused = self._place(*self._slot_for(seq))
             self.free_slots.remove(slot)
             self._used[slot] = self._next_id
             self.cached.pop(slot, None)
@@ -329,7 +332,7 @@ class EngineCore:
                 if seq.share is not None:
                     self._resolve_share(seq)
             plan = schedule(list(self.running.values()), self.config, self._gamma)
-            if not plan and (not self.frees or self.in_flight):
+            if not plan and (not (self.frees or self.moves) or self.in_flight):
                 return  # frees ride along with the next real batch
             batch = self._build(plan, out)
             if not batch.slices:  # every planned sequence's window failed to build
@@ -340,11 +343,18 @@ class EngineCore:
                 log.exception("submitting batch %d failed", batch.batch_id)
                 self.in_flight.pop(batch.batch_id, None)
                 error = ClusterError(f"sending a batch failed: {type(exc).__name__}: {exc}")
+                self._unmoved(batch)
                 for piece in batch.slices:
                     if piece.seq in self.running:
                         self._finish(self.running[piece.seq], error=error, out=out)
                 continue
             out.scheduled.append(batch)
+
+    def _open(self) -> list[int]:
+        """Free slots a request may take now: not one an idle cache moves into with the
+        next batch (a slot appears once in a batch)."""
+        into = {dst for _, dst, _ in self.moves}
+        return [s for s in self.free_slots if s not in into]
 
     def _slot_for(self, seq: Sequence) -> tuple[int, int]:
         """The free slot for `seq`, and how many of its prompt's tokens that slot's caches
@@ -360,13 +370,56 @@ class EngineCore:
         def shared(slot: int) -> int:
             return common_prefix(self.cached.get(slot, []), prompt) if use else 0
 
-        best = max(self.free_slots, key=lambda slot: (shared(slot), -self._used.get(slot, 0)))
+        free = self._open()
+        best = max(free, key=lambda slot: (shared(slot), -self._used.get(slot, 0)))
         held = len(self.cached.get(best, []))
         if not held or 2 * shared(best) < held:
-            best = min(self.free_slots, key=lambda slot: (
+            best = min(free, key=lambda slot: (
                 slot in self.cached, self._used.get(slot, 0) if slot in self.cached else 0,
                 slot))
         return best, min(shared(best), len(prompt) - 1)
+
+    def _place(self, chosen: int, reused: int) -> tuple[int, int]:
+        """Where the request decodes: `chosen` (the slot whose cache it reuses, or the
+        one to take) unless another free slot keeps the decoding sequences in fewer runs
+        of consecutive slots — llama.cpp computes only consecutive sequences in one pass
+        over a stage's weights (docs/scheduler.md, "Placement"). Then the request takes
+        that slot: its own prefix is copied from `chosen` (`_share_for`), and the idle
+        cache the slot held moves to `chosen` — or, when `chosen` holds the prefix, to an
+        empty slot or the least recently used one. Returns the slot and how many prompt
+        tokens its own cache holds."""
+        busy = self.running
+
+        def runs_added(slot: int) -> int:
+            return 1 - (slot - 1 in busy) - (slot + 1 in busy)
+
+        free = self._open()
+        best = min(free, key=lambda s: (runs_added(s), s in self.cached, s))
+        if runs_added(chosen) <= runs_added(best) or (reused and not self.share_prefix):
+            return chosen, reused
+        if best in self.cached:
+            to = chosen
+            if reused:  # `chosen` holds the prefix the request copies: not there
+                others = [s for s in free if s not in (best, chosen)]
+                if not others:
+                    return chosen, reused
+                to = min(others, key=lambda s: (s in self.cached, self._used.get(s, 0), s))
+            self._move(best, to)
+        return best, 0
+
+    def _move(self, src: int, dst: int) -> None:
+        """Move an idle slot's cache to another free slot on every stage (llama.cpp copies
+        the KV stream) with the next batch; what `dst` held is evicted. The draft model's
+        cache of it stays where it was (it copies by content when it can)."""
+        held = self.cached.pop(src)
+        self.cached[dst] = held
+        self._used[dst] = self._used.get(src, 0)
+        self.frees.discard(dst)
+        self.moves.append((src, dst, len(held)))
+        self.metrics.cache_moves.inc()
+        for seq in self.running.values():  # a request yet to copy from it: from `dst`
+            if seq.share is not None and seq.share.source is None and seq.share.slot == src:
+                seq.share.slot = dst
 
     def _share_for(self, seq: Sequence, slot: int, reused: int) -> Share | None:
         """A longer prefix of `seq`'s prompt than its own slot holds, in another slot:
@@ -459,6 +512,10 @@ class EngineCore:
                 self._finish(s, error=ClusterError(f"{type(exc).__name__}: {exc}"), out=out)
         slices += [Slice(seq=slot, start=0, tokens=[], judge=False) for slot in self.frees]
         self.frees.clear()
+        # Moves first: a stage copies in slice order, before any slice drops or adds rows.
+        slices[:0] = [Slice(seq=dst, start=n, tokens=[], judge=False, copy_from=src)
+                      for src, dst, n in self.moves]
+        self.moves.clear()
         return Batch(self._new_batch_id(), slices)
 
     def _window(self, p: Planned, drafts: dict[int, tuple[list[int], list[SparseDist]]]
@@ -661,8 +718,18 @@ class EngineCore:
             return
         error = ClusterError(f"{failed.worker} refused a batch: {failed.message}")
         log.error("%s", error)
+        self._unmoved(flight.batch)
         for seq, _, _ in flight.members:
             self._finish(seq, error=error, out=out)
+
+    def _unmoved(self, batch: Batch) -> None:
+        """A batch that did not run on every stage: an idle cache it moved may not be
+        where `cached` says. The slot is cleared everywhere instead."""
+        for piece in batch.slices:
+            if piece.copy_from >= 0 and not piece.tokens and piece.seq in self.cached:
+                del self.cached[piece.seq]
+                self.frees.add(piece.seq)
+        self._set_cached_metric()
 
     def _observe_times(self, flight: InFlight, done: BatchDone) -> None:
         wall_ms = 1000 * (time.perf_counter() - flight.sent_at)
@@ -744,6 +811,7 @@ class EngineCore:
         self._lost_why = why
         self.in_flight.clear()
         self.frees.clear()  # a rebuilt ring starts with every cache empty
+        self.moves.clear()
         self.cached.clear()
         self._set_cached_metric()
         if self.drafter is not None:  # the draft's caches of idle slots go with them
