@@ -16,13 +16,14 @@ from cluster.stage_cut import split_at
 from coordinator.engine.core import State
 from coordinator.engine.frontend import Engine, Generation
 from coordinator.engine.request import GenerationRequest
+from coordinator.engine.sequence import Sequence
 from coordinator.ring.builder import build_ring
 from coordinator.service import EngineOptions, start_engine
 from coordinator.speculation.drafting import common_prefix
 from coordinator.speculation.gamma import FREE_DRAFT
 from coordinator.tokenizer import Tokenizer
+from tests.near_ties import same_but_at_near_ties
 
-NEAR_TIE = 0.5  # as tests/test_speculative.py: batch shapes move top-2 margins this much
 SYSTEM = ("You are a careful assistant for a Python code base. Answer briefly, with code "
           "when it helps. " * 6)
 
@@ -61,6 +62,17 @@ def generate(engine: Engine, prompt: list[int], n: int = 12, cache: bool = True
              ) -> Generation:
     return engine.generate(GenerationRequest(prompt, n, ignore_eos=True, with_gaps=True,
                                              cache_prompt=cache))
+
+
+def started(engine: Engine, request: GenerationRequest, timeout: float = 120) -> Sequence:
+    """Submit `request` and return once its first event (a token) came."""
+    events: list[object] = []
+    seq = engine.submit(request, events.append)
+    deadline = time.monotonic() + timeout
+    while not events:
+        assert time.monotonic() < deadline, "no first token"
+        time.sleep(0.005)
+    return seq
 
 
 def test_the_next_turn_computes_only_its_new_tokens(tiny_engine: Engine) -> None:
@@ -112,13 +124,6 @@ def test_a_request_takes_the_lowest_empty_slot(tiny_chat_model: Path) -> None:
         built.close()
 
 
-def same_but_at_near_ties(got: Generation, cold: Generation) -> None:
-    at = next((k for k, (x, y) in enumerate(zip(got.tokens, cold.tokens, strict=True))
-               if x != y), None)
-    if at is not None:
-        assert cold.top2_gaps[at] < NEAR_TIE, (at, cold.top2_gaps[at])
-
-
 def test_a_returning_conversation_decodes_next_to_the_running_one(tiny_chat_model: Path
                                                                    ) -> None:
     """Slots 0-2 hold idle conversations A, B, D; C decodes in slot 3. A's next turn
@@ -145,12 +150,7 @@ def test_a_returning_conversation_decodes_next_to_the_running_one(tiny_chat_mode
             "A long story: "))
         first = {name: generate(engine, p) for name, p in (("a", a), ("b", b), ("d", d))}
         assert sorted(core.cached) == [0, 1, 2]
-        events: list[object] = []
-        long_run = engine.submit(GenerationRequest(c, 600, ignore_eos=True), events.append)
-        deadline = time.monotonic() + 120
-        while not events:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        long_run = started(engine, GenerationRequest(c, 600, ignore_eos=True))
         assert core.running.get(3) is long_run
         moves = counter(engine, "specshard_cache_moves_total")
         a2 = a + first["a"].tokens + tokenizer.encode(" And frozensets?")
@@ -173,6 +173,37 @@ def test_a_returning_conversation_decodes_next_to_the_running_one(tiny_chat_mode
         workers.stop()
 
 
+def test_a_cache_in_the_way_moves_to_an_empty_slot_not_over_a_warm_one(
+        tiny_chat_model: Path) -> None:
+    """C decodes in slot 0 and A, done, is idle in slot 1, next to it; slots 2 and 3 are
+    empty. A new request D decodes in slot 1, next to C: A's cache moves to the empty
+    slot 2 (not evicted), and A's next request still finds it."""
+    tokenizer = Tokenizer(tiny_chat_model)
+    built = build_ring(tiny_chat_model, stages=2, ctx=1024, parallel=4, threads=1)
+    engine = start_engine(built, tokenizer, "tiny", costs=FREE_DRAFT)
+    core = engine.core
+    try:
+        a, d, c = (tokenizer.encode(text * 12) for text in (
+            "Tell me about sets. ", "Dicts map keys. ", "A long story: "))
+        long_run = started(engine, GenerationRequest(c, 600, ignore_eos=True,
+                                                     cache_prompt=False))
+        assert core.running.get(0) is long_run
+        first_a = generate(engine, a)
+        assert list(core.cached) == [1]
+        moves = counter(engine, "specshard_cache_moves_total")
+        first_d = generate(engine, d)
+        assert not long_run.done  # D decoded beside C throughout
+        assert counter(engine, "specshard_cache_moves_total") - moves == 1
+        assert core.cached == {1: d + first_d.tokens[:11], 2: a + first_a.tokens[:11]}
+        engine.cancel(long_run)
+        again = generate(engine, a)
+        assert again.stats.n_cached_tokens == len(a) - 1
+        same_but_at_near_ties(again, first_a)
+    finally:
+        engine.close()
+        built.close()
+
+
 def test_reused_prefix_gives_the_cold_answer_but_at_near_ties(demo_target: Path) -> None:
     """The same cache state gives the same answer; a reused prefix (computed in other
     batches) may move a greedy token only at a near tie of the cold run."""
@@ -187,10 +218,7 @@ def test_reused_prefix_gives_the_cold_answer_but_at_near_ties(demo_target: Path)
         warm = generate(engine, prompt, n=24)
         cold = generate(engine, prompt, n=24, cache=False)
         assert warm.stats.n_cached_tokens > 50 and cold.stats.n_cached_tokens == 0
-        at = next((k for k, (x, y) in enumerate(zip(warm.tokens, cold.tokens, strict=True))
-                   if x != y), None)
-        if at is not None:
-            assert cold.top2_gaps[at] < NEAR_TIE, (at, cold.top2_gaps[at])
+        at = same_but_at_near_ties(warm, cold)
         print(f"warm and cold agree on {at if at is not None else len(cold.tokens)} tokens")
     finally:
         engine.close()
@@ -361,12 +389,8 @@ def test_a_sequence_ended_while_the_ring_is_rebuilt_leaves_no_cache(tiny_chat_mo
     engine = Engine(core, tokenizer, "tiny")
     prompt = tokenizer.encode("Tell me a long story about a ring of stages. " * 3)
     try:
-        events: list[object] = []
-        seq = engine.submit(GenerationRequest(prompt, 500, ignore_eos=True), events.append)
+        seq = started(engine, GenerationRequest(prompt, 500, ignore_eos=True))
         deadline = time.monotonic() + 60
-        while not events:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         core.post(FromRing(core.epoch, RingLost("a worker vanished (test)")))
         while core.state is not State.RECOVERING:
             assert time.monotonic() < deadline

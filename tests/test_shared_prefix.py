@@ -21,8 +21,8 @@ from coordinator.speculation.draft import DraftConfig, DraftModel
 from coordinator.speculation.drafting import DraftRequest, common_prefix, draft_rng
 from coordinator.speculation.gamma import FREE_DRAFT
 from coordinator.tokenizer import Tokenizer
+from tests.near_ties import same_but_at_near_ties
 
-NEAR_TIE = 0.5  # as tests/test_speculative.py: batch shapes move top-2 margins this much
 SYSTEM = ("You are a careful assistant for a Python code base. Answer briefly, with code "
           "when it helps, and name the standard library modules you use. " * 5)
 
@@ -44,13 +44,6 @@ def generate(engine: Engine, tokens: list[int], n: int = 16, cache: bool = True
              ) -> Generation:
     return engine.generate(GenerationRequest(tokens, n, ignore_eos=True, with_gaps=True,
                                              cache_prompt=cache))
-
-
-def same_but_at_near_ties(got: Generation, cold: Generation) -> None:
-    at = next((k for k, (x, y) in enumerate(zip(got.tokens, cold.tokens, strict=True))
-               if x != y), None)
-    if at is not None:
-        assert cold.top2_gaps[at] < NEAR_TIE, (at, cold.top2_gaps[at])
 
 
 @pytest.fixture
