@@ -12,8 +12,9 @@ One greedy stream of `--tokens` tokens, three ways, with the same drafter:
 Workloads: (e) an edit whose answer copies the prompt's code, n-gram drafting at γ 4
 (and `e-adaptive`, adaptive γ); (f) free code generation, n-gram, adaptive γ; (g) the
 demo draft model at γ 4. Reports tok/s, tokens per target step, windows sent, run
-ahead and stale (wasted). Prints JSON (also bench/results/runahead.json, or
-runahead-T.json with --tag T). Rounds run every mode in turn; the median is reported.
+ahead, stale (wasted) and skipped (early cancellation: the compute it saved). Prints
+JSON (also bench/results/runahead.json, or runahead-T.json with --tag T). Rounds run
+every mode in turn; the median is reported.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def generate(built: BuiltRing, tokenizer: Tokenizer, drafter: Drafter | None,
     try:
         done = engine.generate(GenerationRequest(prompt, n_tokens, ignore_eos=True))
         # Decode windows only (the prompt's chunks are far bigger).
-        decode = [t for t in engine.core.timings if t.stage_ms and t.rows <= 17]
+        decode = [t for t in engine.core.timings
+                  if t.stage_ms and t.rows <= 17 and not t.skipped_rows]
         per_worker = [list(t.stage_ms.values()) for t in decode]
         compute = [statistics.mean(w) for w in zip(*per_worker, strict=True)] \
             if per_worker else []
@@ -125,14 +127,23 @@ def generate(built: BuiltRing, tokenizer: Tokenizer, drafter: Drafter | None,
 
 def summary(runs: list[Run]) -> dict[str, object]:
     med = statistics.median(r.stats.tok_s for r in runs)
-    last = runs[-1].stats
+    last, compute = runs[-1].stats, runs[-1].compute_ms
+    # Early cancellation: a stale window costs every stage a window's compute, but the
+    # last worker skips it when its own verdict broke the chain. What that saves, in
+    # stage-ms (estimated at the workers' mean decode-window time) and as a share of the
+    # stale windows' compute.
+    stale_ms = last.stale_windows * sum(compute)
+    saved_ms = last.skipped_windows * compute[-1] if compute else 0.0
     return {"tok_s": round(med, 3), "samples": [round(r.stats.tok_s, 3) for r in runs],
             "tokens_per_step": round(last.tokens_per_step, 3),
             "windows": last.steps + last.stale_windows, "ahead_windows": last.ahead_windows,
-            "stale_windows": last.stale_windows,
-            # Each worker's compute for a decode window: grows when both stages compute
-            # at once on cores that slow each other.
-            "window_compute_ms": [round(x, 1) for x in runs[-1].compute_ms]}
+            "stale_windows": last.stale_windows, "skipped_windows": last.skipped_windows,
+            "stale_compute_ms": round(stale_ms, 1),
+            "cancel_saved_ms": round(saved_ms, 1),
+            "cancel_saved_share": round(saved_ms / stale_ms, 3) if stale_ms else 0.0,
+            # Each worker's compute for a decode window (the skipped ones not counted):
+            # grows when both stages compute at once on cores that slow each other.
+            "window_compute_ms": [round(x, 1) for x in compute]}
 
 
 def main() -> None:
@@ -179,8 +190,8 @@ def main() -> None:
                     st, tokens[mode] = run.stats, run.tokens
                     runs.setdefault(mode, []).append(run)
                     print(f"{key} {mode}: {st.tok_s:.2f} tok/s, {st.tokens_per_step:.2f} "
-                          f"tokens/step, {st.ahead_windows} ahead, {st.stale_windows} stale",
-                          file=sys.stderr, flush=True)
+                          f"tokens/step, {st.ahead_windows} ahead, {st.stale_windows} stale, "
+                          f"{st.skipped_windows} skipped", file=sys.stderr, flush=True)
             out = {mode: summary(r) for mode, r in runs.items()}
             rate = {mode: float(v["tok_s"]) for mode, v in out.items()}  # type: ignore[arg-type]
             results[key] = {
@@ -194,8 +205,9 @@ def main() -> None:
     name = f"runahead-{args.tag}" if args.tag else "runahead"
     report(name, {"bench": "runahead", "model": model.name, "tokens": args.tokens,
                   "rounds": args.rounds,
-                  "early_cancellation": "not implemented: stale windows are computed and "
-                                        "their verdicts dropped",
+                  "early_cancellation": "the last worker skips a stale window when its own "
+                                        "verdict broke the window's chain; the stages "
+                                        "before it compute every window",
                   "workloads": results})
 
 

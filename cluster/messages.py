@@ -46,6 +46,9 @@ class Slice:
     # that row instead of drawing a bonus token (the next window, already sent, starts
     # with it); `draft_dists` then has n_draft + 1 entries. -1: none.
     link: int = -1
+    # The run-ahead chain this judged window belongs to, unique in the engine's life; the
+    # last worker skips a chain's windows once a verdict of its own broke it. -1: none.
+    chain: int = -1
 
     @property
     def end(self) -> int:
@@ -104,6 +107,14 @@ class SeqResult:
     error: str = ""  # this slice alone could not be judged: why (the rest were)
     # One per emitted token (`tokens`), when the request asked (SamplingParams.logprobs).
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Not computed: a stale run-ahead window the last worker skipped (early cancellation).
+    skipped: bool = False
+
+    @property
+    def breaks_chain(self) -> bool:
+        """The windows sent behind this one assumed a verdict it did not give: every
+        guess and the link accepted, no token drawn."""
+        return self.next_token >= 0 or bool(self.error) or self.skipped
 
     @property
     def tokens(self) -> list[int]:

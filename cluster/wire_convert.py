@@ -109,7 +109,8 @@ def slice_to_wire(s: Slice) -> pb.Slice:
                     sampling=sampling_to_wire(s.sampling), step_seed=s.step_seed,
                     judge=s.judge, return_logits=s.return_logits, masks=s.masks,
                     copy_from=s.copy_from if s.copy_from >= 0 else None,
-                    link=s.link if s.link >= 0 else None)
+                    link=s.link if s.link >= 0 else None,
+                    chain=s.chain if s.chain >= 0 else None)
 
 
 def slice_from_wire(msg: pb.Slice) -> Slice:
@@ -139,7 +140,8 @@ def slice_from_wire(msg: pb.Slice) -> Slice:
                  n_draft=msg.n_draft, draft_dists=dists, step_seed=msg.step_seed,
                  judge=msg.judge, return_logits=msg.return_logits, masks=masks,
                  copy_from=msg.copy_from if msg.HasField("copy_from") else -1,
-                 link=msg.link if link else -1)
+                 link=msg.link if link else -1,
+                 chain=msg.chain if msg.HasField("chain") else -1)
 
 
 def batch_to_wire(acts: Activations, f16: bool = False) -> list[pb.ForwardMessage]:
@@ -228,7 +230,7 @@ def result_to_wire(result: BatchResult, stage_ms: float) -> pb.ForwardReply:
     out = []
     for r in result.results:
         msg = pb.SeqResult(seq=r.seq, accepted=r.accepted, next_token=r.next_token,
-                           top2_gaps=r.top2_gaps, error=r.error,
+                           top2_gaps=r.top2_gaps, error=r.error, skipped=r.skipped,
                            logprobs=[pb.TokenLogprobs(
                                logprob=t.logprob, top_ids=[i for i, _ in t.top],
                                top_logprobs=[lp for _, lp in t.top]) for t in r.logprobs])
@@ -248,7 +250,7 @@ def result_from_wire(reply: pb.ForwardReply) -> BatchResult:
             else None
         results.append(SeqResult(seq=r.seq, accepted=list(r.accepted),
                                  next_token=r.next_token, top2_gaps=list(r.top2_gaps),
-                                 logits=logits, error=r.error,
+                                 logits=logits, error=r.error, skipped=r.skipped,
                                  logprobs=[TokenLogprobs(t.logprob, list(zip(
                                      t.top_ids, t.top_logprobs, strict=True)))
                                      for t in r.logprobs]))

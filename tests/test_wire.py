@@ -95,6 +95,19 @@ def test_a_link_and_its_distribution_cross_the_wire_and_a_verdict_may_draw_nothi
     reply = result_from_wire(pb.ForwardReply.FromString(
         result_to_wire(BatchResult(9, [whole]), 1.0).SerializeToString()))
     assert reply.results[0].tokens == [102, 9]  # the link accepted: no token after it
+    assert not reply.results[0].breaks_chain
+
+
+def test_a_chain_and_a_skipped_verdict_cross_the_wire():
+    b = batch(3, n_draft=1, link=9, chain=2**52 + 5)
+    back = reassemble(batch_to_wire(Activations(b))).batch.slices
+    assert back[0].chain == 2**52 + 5 and back[1].chain == -1
+    results = [SeqResult(seq=1, accepted=[], next_token=-1, top2_gaps=[], skipped=True),
+               SeqResult(seq=2, accepted=[4], next_token=7, top2_gaps=[1.0, 1.0])]
+    reply = result_from_wire(pb.ForwardReply.FromString(
+        result_to_wire(BatchResult(9, results), 1.0).SerializeToString()))
+    assert [r.skipped for r in reply.results] == [True, False]
+    assert [r.breaks_chain for r in reply.results] == [True, True]  # skipped; drew a token
 
 
 def test_results_round_trip_with_logits():

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import grpc
 import llama_cpp
+import numpy as np
 
 from cluster import trace
 from cluster.errors import InvalidForward, SpecshardError
 from cluster.gguf_file import read_header
 from cluster.judge import judge_all
 from cluster.llama.stage import Stage, StageConfig
-from cluster.messages import Activations, BatchResult, LoadSpec
+from cluster.messages import Activations, BatchResult, LoadSpec, SeqResult, Slice
 from cluster.model_info import KvType, model_info
 from cluster.rope import RopeParams, resolve_rope
 from cluster.stage_cut import StageSpec, cut_stage
@@ -71,6 +72,10 @@ class StageRunner:
     def __init__(self, stage: Stage, wire_f16: bool = False) -> None:
         self.stage = stage
         self.wire_f16 = wire_f16  # halve the bytes downstream, at the cost of exactness
+        # The last stage: per sequence, the run-ahead chain a verdict of its own broke.
+        # The windows of that chain still coming are stale (docs/scheduler.md, "Early
+        # cancellation"): skipped, not computed.
+        self.broken: dict[int, int] = {}
 
     @staticmethod
     def check(model: Path, spec: LoadSpec) -> None:
@@ -105,10 +110,14 @@ class StageRunner:
             if asked > max_logit_rows(stage.n_vocab):
                 raise InvalidForward(f"{asked} rows of logits asked for; a reply holds at "
                                      f"most {max_logit_rows(stage.n_vocab)}")
+        slices, hidden = batch.slices, acts.hidden
+        stale = self._stale(slices) if stage.is_last else set()
+        if stale:
+            slices, hidden = _without(slices, hidden, stale, stage.n_embd)
         t0 = time.perf_counter()
         trace.mark("compute", batch.batch_id)
         # Judged below, before anything decodes again: the logits need no copy.
-        out = stage.forward(batch.slices, acts.hidden, borrow=True)
+        out = stage.forward(slices, hidden, borrow=True) if slices else []
         trace.mark("computed", batch.batch_id)
         stage_ms = 1000 * (time.perf_counter() - t0)
         if not stage.is_last:
@@ -118,18 +127,58 @@ class StageRunner:
             return Outcome(batch_to_wire(Activations(batch, out, times), f16=self.wire_f16),
                            None, stage_ms)
         assert isinstance(out, list)
-        verdicts = judge_all(batch.slices, out, stage.tokens)
+        judged = iter(judge_all(slices, out, stage.tokens))
+        verdicts = []
+        for i, piece in enumerate(batch.slices):
+            if i in stale:
+                verdicts.append(SeqResult(piece.seq, [], -1, [], skipped=True))
+            elif piece.judge and piece.tokens:
+                verdict = next(judged)
+                verdicts.append(verdict)
+                if piece.chain >= 0 and verdict.breaks_chain:
+                    self.broken[piece.seq] = piece.chain
         trace.mark("judged", batch.batch_id)
         return Outcome([], result_to_wire(BatchResult(batch.batch_id, verdicts, acts.times),
                                           stage_ms), stage_ms)
+
+    def _stale(self, slices: list[Slice]) -> set[int]:
+        """Indexes of the judged windows of chains this stage's verdicts broke. A slice
+        of any other chain (or none) ends what is known of its sequence's: chains are
+        never reused, and a chain's windows arrive in the order they were sent."""
+        stale = set()
+        for i, s in enumerate(slices):
+            if s.chain >= 0 and s.chain == self.broken.get(s.seq) and s.judge and \
+                    s.tokens and s.copy_from < 0:
+                stale.add(i)
+                continue
+            self.broken.pop(s.seq, None)
+        return stale
+
+    def forget_chains(self) -> None:
+        """A new upstream (another engine, or the ring rebuilt): chains start over."""
+        self.broken.clear()
 
     def truncate(self, seqs: list[int], length: int) -> list[int]:
         targets = seqs or list(range(self.stage.config.n_seq_max))
         for seq in targets:  # every one known before any is cut: a refusal changes nothing
             self.stage.length(seq)
         for seq in targets:
+            self.broken.pop(seq, None)
+        for seq in targets:
             self.stage.truncate(seq, min(length, self.stage.length(seq)))  # tokens too
         return [self.stage.length(seq) for seq in targets]
 
     def close(self) -> None:
         self.stage.close()
+
+
+def _without(slices: list[Slice], hidden: np.ndarray | None, drop: set[int], n_embd: int
+             ) -> tuple[list[Slice], np.ndarray | None]:
+    """The batch without the slices at `drop`, and their rows of hidden states."""
+    kept = [s for i, s in enumerate(slices) if i not in drop]
+    if hidden is None:
+        return kept, None
+    rows = np.ascontiguousarray(hidden, dtype=np.float32).reshape(-1, n_embd)
+    offsets = np.cumsum([0, *(len(s.tokens) for s in slices)])
+    parts = [rows[offsets[i]:offsets[i + 1]] for i in range(len(slices)) if i not in drop]
+    return kept, np.concatenate(parts) if parts else rows[:0]

@@ -158,6 +158,8 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Forward(self, request_iterator: AsyncIterator[pb.ForwardMessage],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ForwardReply]:
         assembler = BatchAssembler()
+        if self._runner is not None:  # a new sender: what it breaks starts over
+            await self._in_stage(self._runner.forget_chains)
         async for msg in _parsed(request_iterator, context):
             trace.mark("in", msg.batch_id)
             try:

@@ -215,7 +215,7 @@ class SparseDist(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("seq", "start", "tokens", "n_draft", "draft_dists", "sampling", "step_seed", "judge", "return_logits", "copy_from", "masks", "link")
+    __slots__ = ("seq", "start", "tokens", "n_draft", "draft_dists", "sampling", "step_seed", "judge", "return_logits", "copy_from", "masks", "link", "chain")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class Slice(_message.Message):
     COPY_FROM_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     start: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -240,7 +241,8 @@ class Slice(_message.Message):
     copy_from: int
     masks: _containers.RepeatedScalarFieldContainer[bytes]
     link: int
-    def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., copy_from: _Optional[int] = ..., masks: _Optional[_Iterable[bytes]] = ..., link: _Optional[int] = ...) -> None: ...
+    chain: int
+    def __init__(self, seq: _Optional[int] = ..., start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., n_draft: _Optional[int] = ..., draft_dists: _Optional[_Iterable[_Union[SparseDist, _Mapping]]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., step_seed: _Optional[int] = ..., judge: _Optional[bool] = ..., return_logits: _Optional[bool] = ..., copy_from: _Optional[int] = ..., masks: _Optional[_Iterable[bytes]] = ..., link: _Optional[int] = ..., chain: _Optional[int] = ...) -> None: ...
 
 class ForwardMessage(_message.Message):
     __slots__ = ("batch_id", "slices", "hidden", "dtype", "n_embd", "chunk_index", "n_chunks", "times")
@@ -271,7 +273,7 @@ class StageTime(_message.Message):
     def __init__(self, stage_ms: _Optional[float] = ..., busy_ms: _Optional[float] = ...) -> None: ...
 
 class SeqResult(_message.Message):
-    __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab", "error", "logprobs")
+    __slots__ = ("seq", "accepted", "next_token", "top2_gaps", "logits", "n_vocab", "error", "logprobs", "skipped")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +282,7 @@ class SeqResult(_message.Message):
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     accepted: _containers.RepeatedScalarFieldContainer[int]
     next_token: int
@@ -288,7 +291,8 @@ class SeqResult(_message.Message):
     n_vocab: int
     error: str
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Iterable[int]] = ..., next_token: _Optional[int] = ..., top2_gaps: _Optional[_Iterable[float]] = ..., logits: _Optional[bytes] = ..., n_vocab: _Optional[int] = ..., error: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class TokenLogprobs(_message.Message):
     __slots__ = ("logprob", "top_ids", "top_logprobs")

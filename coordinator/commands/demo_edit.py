@@ -72,8 +72,8 @@ def run_edit_demo(cluster: RunningCluster, draft_stats: Stats | None) -> dict[st
         cluster.engine.core.reconnect()
     plain, spec = rates.values()
     for label, st in rates.items():
-        ahead = f", {st.ahead_windows} windows run ahead ({st.stale_windows} stale)" \
-            if st.ahead_windows else ""
+        ahead = f", {st.ahead_windows} windows run ahead ({st.stale_windows} stale, " \
+            f"{st.skipped_windows} of them skipped by the last worker)" if st.ahead_windows else ""
         print(f"  {label:<28} {st.tok_s:6.2f} tok/s · {st.tokens_per_step:.2f} tokens per "
               f"target step{ahead}")
     if plain.tok_s > 0:

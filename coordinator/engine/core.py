@@ -136,6 +136,7 @@ class BatchTiming:
     wall_ms: float  # submitted → verdicts back
     stage_ms: dict[str, float]  # llama_decode time per worker
     busy_ms: dict[str, float]  # arrival → handed on, per non-last worker
+    skipped_rows: int = 0  # rows the last worker did not compute (stale windows)
 
 
 @dataclass
@@ -534,7 +535,8 @@ class EngineCore:
             seq=s.slot, start=start, tokens=[*tokens, *guesses], sampling=
             s.request.sampling, n_draft=len(guesses), draft_dists=list(dists),
             step_seed=s.step_seed(start) if p.judge else 0, judge=p.judge, masks=masks,
-            copy_from=-1 if s.started else s.copy_from, link=link)
+            copy_from=-1 if s.started else s.copy_from, link=link,
+            chain=s.chain if p.judge else -1)
 
     def _drafts(self, plan: list[Planned], step: StepOutput
                 ) -> dict[int, tuple[list[int], list[SparseDist]]]:
@@ -647,6 +649,10 @@ class EngineCore:
             if piece.judge and chain != seq.chain:  # ran ahead of a verdict that broke it
                 seq.stats.stale_windows += 1
                 self.metrics.stale_windows.inc()
+                skipped = verdicts.get(piece.seq)
+                if skipped is not None and skipped.skipped:  # and the last worker knew
+                    seq.stats.skipped_windows += 1
+                    self.metrics.skipped_windows.inc()
                 continue
             try:
                 # Replayed if the ring is lost. A copied prefix is replayed from its tokens
@@ -665,6 +671,9 @@ class EngineCore:
                  out: StepOutput) -> None:
         if piece.judge and result is None:
             raise ClusterError(f"the last worker sent no verdict for sequence {piece.seq}")
+        if result is not None and result.skipped:  # a worker that thinks a chain broke
+            raise ClusterError(f"the last worker skipped a live window of sequence "
+                               f"{piece.seq} (chain {piece.chain})")
         if result is not None and result.error:
             raise ClusterError(f"the last worker could not judge this request: "
                                f"{result.error}")
@@ -734,8 +743,10 @@ class EngineCore:
     def _observe_times(self, flight: InFlight, done: BatchDone) -> None:
         wall_ms = 1000 * (time.perf_counter() - flight.sent_at)
         trace.mark("verdict", flight.batch.batch_id)
-        self.timings.append(BatchTiming(flight.batch.n_rows, wall_ms, done.stage_ms,
-                                        done.busy_ms))
+        skipped = {r.seq for r in done.result.results if r.skipped}
+        self.timings.append(BatchTiming(
+            flight.batch.n_rows, wall_ms, done.stage_ms, done.busy_ms,
+            sum(len(s.tokens) for s in flight.batch.slices if s.seq in skipped)))
         for worker, ms in done.stage_ms.items():
             series = self._stage_series.get(worker)
             if series is None:

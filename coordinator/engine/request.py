@@ -57,6 +57,7 @@ class Stats:
     steps: int = 0  # judged slices: the prompt's last chunk, then one per decode step
     ahead_windows: int = 0  # judged windows sent before the verdict they continue
     stale_windows: int = 0  # … of which dropped: a verdict before them broke their chain
+    skipped_windows: int = 0  # … of which the last worker skipped (early cancellation)
     prefill_s: float = 0.0  # arrival → first token
     decode_s: float = 0.0  # first generated token → last generated token
     proposed: list[int] = field(default_factory=list)  # guesses offered at position k
@@ -92,6 +93,7 @@ class Stats:
             "n_cached_tokens": self.n_cached_tokens,
             "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 3),
             "ahead_windows": self.ahead_windows, "stale_windows": self.stale_windows,
+            "skipped_windows": self.skipped_windows,
             "acceptance_by_position": [round(a / p, 3) if p else 0.0
                                        for a, p in zip(self.accepted, self.proposed,
                                                        strict=True)],

@@ -9,11 +9,15 @@ Run-ahead speculation (docs/scheduler.md, "Run-ahead windows"): a window may end
 link — a guess for the position after its last row, judged there — and the next window,
 sent before the verdict, starts with that link. `ahead` holds the guesses sent past the
 decided tokens, the chain the windows in flight assume; a verdict that breaks it (a
-rejection, forced tokens) bumps `chain`, and the windows sent on the old chain are stale.
+rejection, forced tokens) gives it a new `chain`, and the windows sent on the old chain
+are stale. Chain ids are never reused, in this process or (w.h.p.) another: every judged
+window carries its chain, and the last worker skips the windows of a chain one of its
+verdicts broke (docs/scheduler.md, "Early cancellation").
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,13 @@ from coordinator.engine.output import Output
 from coordinator.engine.ownership import Owned
 from coordinator.engine.request import EventSink, GenerationRequest, Stats
 from coordinator.speculation.gamma import AcceptanceStats
+
+# A random start: a worker that outlives one coordinator meets another's chains.
+_chains = itertools.count(random.getrandbits(40) << 20)
+
+
+def new_chain() -> int:
+    return next(_chains)
 
 
 @dataclass(eq=False)
@@ -54,7 +65,7 @@ class Sequence(Owned):
     depth: int = 1  # judged windows it may have in flight (1: synchronous speculation)
     ahead: list[int] = field(default_factory=list)  # guesses sent past `tokens`, in order
     linked: bool = False  # the last window sent ends with a link: the next may follow it
-    chain: int = 0  # bumped when a verdict breaks `ahead`: older windows are stale
+    chain: int = field(default_factory=new_chain)  # renewed when a verdict breaks `ahead`
     done: bool = False
     stats: Stats = field(default_factory=Stats)
     acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
@@ -135,7 +146,7 @@ class Sequence(Owned):
 
     def break_chain(self) -> None:
         """The windows in flight assume tokens that were not decided: they are stale."""
-        self.chain += 1
+        self.chain = new_chain()  # the windows of the old one are stale
         self.flying = 0
         self.ahead.clear()
         self.linked = False
