@@ -1,13 +1,14 @@
 """Run-ahead speculation: one stream over two boxes against one box.
 
     python bench/runahead.py [--tokens 240] [--rounds 1] [--workloads e e-adaptive f g]
-                             [--tag T]
+                             [--tag T] [--core 0|1]
 
 One greedy stream of `--tokens` tokens, three ways, with the same drafter:
 - `single`: one process on one core (the whole model in-process, the coordinator's own
   core), speculating synchronously; `single_plain` beside it without a drafter;
 - `sync`: two workers, each pinned to its own core (one box each; the coordinator on
-  core 0), the planner's layer split, speculating synchronously (`--spec-depth 1`);
+  core 0 with the first stage, or `--core 1` with the last), the planner's layer
+  split, speculating synchronously (`--spec-depth 1`);
 - `ahead`: the same workers, run-ahead windows (`--spec-depth` chosen by the costs).
 Workloads: (e) an edit whose answer copies the prompt's code, n-gram drafting at γ 4
 (and `e-adaptive`, adaptive γ); (f) free code generation, n-gram, adaptive γ; (g) the
@@ -153,9 +154,12 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS),
                         choices=list(WORKLOADS))
     parser.add_argument("--tag", default="", help="write bench/results/runahead-TAG.json")
+    parser.add_argument("--core", type=int, default=0, choices=[0, 1],
+                        help="the coordinator's core (and the single process's): beside "
+                             "the first stage (0) or the last (1)")
     args = parser.parse_args()
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-    os.sched_setaffinity(0, {0})  # the coordinator (and the single process) on core 0
+    os.sched_setaffinity(0, {args.core})  # the coordinator (and the single process)
     model = models.fetch(models.DEMO_TARGET, progress=False)
     tokenizer = Tokenizer(model)
     results: dict[str, dict[str, object]] = {}
@@ -204,7 +208,7 @@ def main() -> None:
             }
     name = f"runahead-{args.tag}" if args.tag else "runahead"
     report(name, {"bench": "runahead", "model": model.name, "tokens": args.tokens,
-                  "rounds": args.rounds,
+                  "rounds": args.rounds, "coordinator_core": args.core,
                   "early_cancellation": "the last worker skips a stale window when its own "
                                         "verdict broke the window's chain; the stages "
                                         "before it compute every window",
