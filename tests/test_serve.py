@@ -285,7 +285,9 @@ def test_the_demos_edit_comparison_speculates_and_gives_the_ring_back(served, ca
     plain, spec = runs["plain decoding"], runs["n-gram drafting, run-ahead"]
     assert plain.tokens_per_step == 1.0 and plain.n_tokens == spec.n_tokens == EDIT_TOKENS
     # The answer quotes the prompt's code, so guesses are accepted. How many the cost model
-    # asks for, and whether it runs ahead, follow the ring's measured costs (timing).
-    assert sum(spec.accepted) > 0 and spec.tokens_per_step > 1.0
+    # asks for, and whether it runs ahead, follow the ring's measured costs (timing): with
+    # γ 0 and a link a window emits one token either way (`make run` here: 1.02 tokens a
+    # step, 1.31× plain), so tokens per step need not exceed 1.
+    assert sum(spec.accepted) > 0
     assert "speculation here:" in shown and "tokens per target step" in shown
     assert chat(url, "Say hi.", 4)  # the cluster's engine has the ring back
