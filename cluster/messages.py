@@ -112,8 +112,9 @@ class SeqResult:
 
     @property
     def breaks_chain(self) -> bool:
-        """The windows sent behind this one assumed a verdict it did not give: every
-        guess and the link accepted, no token drawn."""
+        """The windows sent behind this one are stale: they assumed every guess and the
+        link accepted (no token drawn), and this verdict says otherwise. The coordinator
+        and the last worker both decide by it."""
         return self.next_token >= 0 or bool(self.error) or self.skipped
 
     @property

@@ -74,6 +74,12 @@ def run(ring: BuiltRing, tokenizer: Tokenizer, prompt: list[int], drafter: Draft
                                                  with_gaps=True))
         if keep is not None:
             keep.extend(engine.core.cached)
+        # /metrics counts what the request's stats do (one request per engine).
+        shown = {line.split()[0]: float(line.split()[1])
+                 for line in engine.metrics.render().decode().splitlines()
+                 if line.startswith("specshard_windows_")}
+        assert shown["specshard_windows_stale_total"] == done.stats.stale_windows
+        assert shown["specshard_windows_skipped_total"] == done.stats.skipped_windows
         return done
     finally:
         engine.close()

@@ -161,7 +161,8 @@ class Sequence(Owned):
         self.flying -= 1
         accepted = len(result.accepted)
         self.n_computed = piece.end - piece.n_draft + min(accepted, piece.n_draft)
-        if piece.link >= 0 and accepted == piece.n_draft + 1:
+        # The last worker skips the windows behind a verdict by this same rule.
+        if not result.breaks_chain:
             del self.ahead[:accepted]  # every guess and the link: the chain holds
             self.n_sent = max(self.n_sent, piece.end)
             self.linked = self.linked and self.flying > 0
